@@ -1,0 +1,200 @@
+"""The pipeline's configuration: one frozen dataclass per part, composed in `PipelineConfig`.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.epochs=5"])
+
+Loading validates everything before anything starts: an unknown key, a wrong type or a value out of range is a
+`ConfigError` naming the key, the value and what is allowed. `--set a.b=v` overrides parse `v` as YAML and then
+convert it to the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import yaml
+
+from vae.config import Config, ConfigError, in_range, non_negative, positive
+from vae.nvae import NVAEConfig
+
+SOURCES = ("digits", "shapes", "mnist", "cifar10", "celeba64", "folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    _prefix: ClassVar[str] = "data."
+    # Where the prepared Parquet dataset lives (any pyarrow filesystem path); prepared on demand.
+    path: str = "runs/data/digits16"
+    source: Literal["digits", "shapes", "mnist", "cifar10", "celeba64", "folder"] = "digits"
+    # Image side after preparation; None keeps the source's own size (digits: 8, shapes: 64).
+    image_size: Optional[int] = None
+    # Folder of images for source=folder; download cache for torchvision sources.
+    source_path: Optional[str] = None
+    cache_dir: str = "~/.cache/vaepipe"
+    seed: int = 0
+    # Procedural shapes: how many, and RGB (with a hue factor) or grey.
+    num_examples: int = dataclasses.field(default=20000, metadata=positive())
+    rgb: bool = False
+    val_fraction: float = dataclasses.field(default=0.1, metadata=in_range(0.0, 0.5))
+    test_fraction: float = dataclasses.field(default=0.1, metadata=in_range(0.0, 0.5))
+
+    def validate(self) -> None:
+        if self.image_size is not None and self.image_size < 4:
+            raise ConfigError(f"data.image_size: {self.image_size} is too small; use >= 4 or null for the source's size")
+        if self.source == "folder" and not self.source_path:
+            raise ConfigError("data.source_path: source 'folder' needs the image folder; set data.source_path=/path/to/images")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig(Config):
+    _prefix: ClassVar[str] = "tracking."
+    # Local directory for the default sqlite store and artifacts (and Ray storage when none is set).
+    workdir: str = "runs"
+    # Any MLflow tracking URI; None means sqlite:///<workdir>/mlflow.db (MLFLOW_TRACKING_URI wins over both).
+    tracking_uri: Optional[str] = None
+    # Artifact root for experiments this pipeline creates; None means <workdir>/mlartifacts.
+    artifact_location: Optional[str] = None
+    # Seconds to wait for a tracking server before failing (never hang).
+    connect_timeout_s: float = dataclasses.field(default=10.0, metadata=positive())
+    registry_uri: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    _prefix: ClassVar[str] = "train."
+    epochs: int = dataclasses.field(default=10, metadata=positive())
+    batch_size: int = dataclasses.field(default=64, metadata=positive())  # per worker
+    num_workers: int = dataclasses.field(default=2, metadata=in_range(0, None))
+    use_gpu: bool = False
+    cpus_per_worker: float = dataclasses.field(default=1.0, metadata=positive())
+    gpus_per_worker: float = dataclasses.field(default=1.0, metadata=non_negative())
+    lr: float = dataclasses.field(default=1e-2, metadata=positive())
+    lr_min: float = dataclasses.field(default=1e-4, metadata=non_negative())
+    weight_decay: float = dataclasses.field(default=3e-4, metadata=non_negative())
+    adamax_eps: float = dataclasses.field(default=1e-3, metadata=positive())
+    warmup_epochs: float = dataclasses.field(default=5.0, metadata=non_negative())
+    grad_clip: float = dataclasses.field(default=200.0, metadata=positive())
+    ema_decay: float = dataclasses.field(default=0.999, metadata=in_range(0.0, 1.0))
+    use_ema: bool = True
+    bf16: bool = True  # autocast on GPU only; CPU runs stay fp32
+    channels_last: bool = True  # GPU only
+    max_skipped_steps: int = dataclasses.field(default=20, metadata=positive())
+    log_every_steps: int = dataclasses.field(default=20, metadata=positive())
+    checkpoint_every_steps: int = dataclasses.field(default=200, metadata=positive())
+    keep_checkpoints: int = dataclasses.field(default=3, metadata=positive())
+    max_failures: int = dataclasses.field(default=1, metadata=non_negative())
+    val_iw_samples: int = dataclasses.field(default=10, metadata=positive())
+    seed: int = 0
+    # Ray storage for checkpoints; None means <tracking.workdir>/ray.
+    storage_path: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.lr_min > self.lr:
+            raise ConfigError(f"train.lr_min: {self.lr_min} is above train.lr={self.lr}; the cosine decay goes down to lr_min")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(Config):
+    _prefix: ClassVar[str] = ""
+    # Names the MLflow experiment (vaepipe/<name>) and the registered models (<name>-nvae, ...).
+    name: str = "demo"
+    stages: tuple[str, ...] = ("train",)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    nvae: NVAEConfig = dataclasses.field(default_factory=NVAEConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    STAGES: ClassVar[tuple[str, ...]] = ("train", "ncp", "tune")
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names MLflow models)")
+        for s in self.stages:
+            if s not in self.STAGES:
+                hint = difflib.get_close_matches(s, self.STAGES, n=1)
+                more = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ConfigError(f"stages: {s!r} is not a stage; choose from {', '.join(self.STAGES)}{more}")
+
+    @classmethod
+    def from_dict(cls, data, prefix=None):  # type: ignore[override]
+        data = dict(data or {})
+        nvae = data.get("nvae")
+        if isinstance(nvae, dict) and "preset" in nvae:
+            # `nvae: {preset: tiny, ...}` starts from a named preset and overrides fields of it.
+            nvae = dict(nvae)
+            preset = nvae.pop("preset")
+            try:
+                base = NVAEConfig.preset(preset)
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"nvae.preset: {e}") from None
+            merged = base.to_dict()
+            merged.update(nvae)
+            data["nvae"] = merged
+        return super().from_dict(data, prefix="")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `a.b=v` strings to a plain nested dict (validation happens when the config is built)."""
+    data = _deepcopy(data)
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = {}
+                node[part] = nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/demo.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (name, data, nvae, train, ...)")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate everything."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return PipelineConfig.from_dict(data)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
