@@ -53,7 +53,7 @@ class TrackingConfig(Config):
     _prefix: ClassVar[str] = "tracking."
     # Local directory for the default sqlite store and artifacts (and Ray storage when none is set).
     workdir: str = "runs"
-    # Any MLflow tracking URI; None means sqlite:///<workdir>/mlflow.db (MLFLOW_TRACKING_URI wins over both).
+    # Any MLflow tracking URI; None means $MLFLOW_TRACKING_URI if set, else sqlite:///<workdir>/mlflow.db.
     tracking_uri: Optional[str] = None
     # Artifact root for experiments this pipeline creates; None means <workdir>/mlartifacts.
     artifact_location: Optional[str] = None
@@ -79,14 +79,23 @@ class TrainConfig(Config):
     grad_clip: float = dataclasses.field(default=200.0, metadata=positive())
     ema_decay: float = dataclasses.field(default=0.999, metadata=in_range(0.0, 1.0))
     use_ema: bool = True
-    bf16: bool = True  # autocast on GPU only; CPU runs stay fp32
+    # Mixed precision on GPU (CPU runs stay fp32): bf16 autocast, fp16 with a GradScaler, or none.
+    amp: Literal["none", "bf16", "fp16"] = "bf16"
     channels_last: bool = True  # GPU only
+    # Skip updates whose gradient norm is non-finite or above this (0 = only non-finite); cap skips in a row.
+    skip_grad_norm: float = dataclasses.field(default=0.0, metadata=non_negative())
     max_skipped_steps: int = dataclasses.field(default=20, metadata=positive())
+    # Rows in the seeded local shuffle buffer of each worker's data stream (0 = stream order).
+    shuffle_buffer: int = dataclasses.field(default=2048, metadata=non_negative())
     log_every_steps: int = dataclasses.field(default=20, metadata=positive())
     checkpoint_every_steps: int = dataclasses.field(default=200, metadata=positive())
     keep_checkpoints: int = dataclasses.field(default=3, metadata=positive())
     max_failures: int = dataclasses.field(default=1, metadata=non_negative())
+    # Validation importance-weighted NLL: K samples on the first N validation images of each worker.
     val_iw_samples: int = dataclasses.field(default=10, metadata=positive())
+    val_iw_examples: int = dataclasses.field(default=128, metadata=non_negative())
+    # Stop after this many steps (smoke runs); the LR and KL schedules still span all epochs.
+    max_steps: Optional[int] = dataclasses.field(default=None, metadata=positive())
     seed: int = 0
     # Ray storage for checkpoints; None means <tracking.workdir>/ray.
     storage_path: Optional[str] = None
