@@ -39,7 +39,7 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
         else:
             print(f"[data] preparing {data.source} → {path}")
             manifest = prepare_dataset(data, str(path))
-        splits = ", ".join(f"{k} {v}" for k, v in manifest.num_examples.items())
+        splits = ", ".join(f"{k} {v}" for k, v in manifest.splits.items())
         print(f"[data] {manifest.name}: shape {list(manifest.shape)}, {splits}")
     print(f"\nDone in {time.perf_counter() - t0:.1f} s. Results:")
     for data in demo_datasets(cfg.data):

@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def ray_local():
     """A local Ray for the session: 4 logical CPUs overcommitted on 2 cores so Ray Data read tasks never starve
     the train workers (PLATFORM.md), a small object store, no dashboard."""
     import ray
@@ -48,7 +48,6 @@ def ray_local(tmp_path_factory):
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
         log_to_driver=True,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
         runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}},
     )
     try:
@@ -58,3 +57,14 @@ def ray_local(tmp_path_factory):
         pass
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory) -> str:
+    """scikit-learn's digits resized to 16×16, prepared once per session as a real Parquet data set."""
+    from pipelines.config import DataConfig
+    from pipelines.data import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "digits16"
+    prepare_dataset(DataConfig(source="digits", path=str(out), image_size=16, seed=0), str(out), progress=False)
+    return str(out)

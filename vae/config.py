@@ -176,7 +176,7 @@ class Config:
             if key not in names:
                 hint = difflib.get_close_matches(key, names, n=1)
                 more = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(names)}"
-                raise ConfigError(f"unknown key {prefix}{key!r}{more}")
+                raise ConfigError(f"unknown key '{prefix}{key}'{more}")
         hints = typing.get_type_hints(cls)
         kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
         try:

@@ -1,0 +1,651 @@
+"""Stage 1 — train: an NVAE trained data-parallel on Ray Train (V2), tracked in MLflow, registered as `<name>-nvae`.
+
+    vaepipe train configs/demo.yaml [--resume | --from-run RUN_ID] [--set train.epochs=5]
+
+Recipe layout (STYLE habit 5): the driver side is `run_train` (validate → open the MLflow run → fit → log and
+register the model); the worker side is `train_loop_per_worker` (setup → train → save_checkpoint / load_checkpoint),
+the only code that touches Ray Train. The model math lives in `vae/`.
+
+Contracts kept here (DESIGN.md, PLATFORM.md):
+- the MLflow run is created on the driver and its id passed to the controller-side `MLflowReporter`, the one writer
+  of metrics and pictures, so a restarted worker never opens a second run;
+- `ray.train.report` is a barrier: every rank calls it at the same steps, rank 0 alone attaches the checkpoint;
+- a checkpoint is one directory (model, EMA, optimizer, scheduler, scaler, step, epoch, RNG states, config) that
+  counts only once its `COMPLETE` marker is written, and resume is exact on one CPU worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.common import Progress, StageResult, init_ray, png_bytes
+from pipelines.config import PipelineConfig, dump_config
+from vae.config import ConfigError
+
+STAGE = "train"
+STATE_FILE = "state.pt"
+COMPLETE_MARKER = "COMPLETE"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message names likely fixes."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan: numbers the driver works out once and every worker shares.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    run_id: str
+    tracking_uri: str
+    data_path: str
+    train_examples: int
+    val_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    heartbeat_dir: str
+    init_checkpoint: str | None = None  # --from-run: weights to start from
+    max_steps: int | None = None  # stop early (tests, smoke runs); the schedules still follow total_steps
+
+
+def plan_steps(train_examples: int, world: int, batch_size: int, epochs: int) -> tuple[int, int]:
+    # Every rank must run the same number of steps (DDP and report() are barriers): the streaming split gives each
+    # rank floor(N / world) rows, of which we use whole batches only.
+    per_rank = train_examples // max(1, world)
+    steps_per_epoch = per_rank // batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"train.batch_size: {batch_size} × {max(1, world)} workers is larger than the {train_examples} training "
+            f"examples; lower train.batch_size or train.num_workers"
+        )
+    return steps_per_epoch, steps_per_epoch * epochs
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, lr: float, lr_min: float) -> float:
+    """NVAE's schedule: linear warm-up, then cosine decay from lr to lr_min (as a factor of lr)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return (lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * progress))) / lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side.
+
+
+@dataclasses.dataclass
+class TrainState:
+    model: torch.nn.Module
+    ema: torch.optim.swa_utils.AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    epoch: int = 0
+    skipped_total: int = 0
+    skipped_in_row: int = 0
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def setup(cfg: PipelineConfig, plan: TrainPlan, device: torch.device) -> TrainState:
+    from vae import NVAE
+
+    t = cfg.train
+    model = NVAE(cfg.nvae).to(device)
+    if device.type == "cuda" and t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if t.use_ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
+        )
+    optimizer = torch.optim.Adamax(model.parameters(), lr=t.lr, eps=t.adamax_eps, weight_decay=t.weight_decay)
+    warmup = int(round(t.warmup_epochs * plan.steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, plan.total_steps, t.lr, t.lr_min)
+    )
+    # Only fp16 needs loss scaling (bf16 has fp32's range); its state is checkpointed either way.
+    use_scaler = device.type == "cuda" and t.amp == "fp16"
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=use_scaler)
+    return TrainState(model, ema, optimizer, scheduler, scaler)
+
+
+def autocast(cfg: PipelineConfig, device: torch.device):
+    if device.type != "cuda" or cfg.train.amp == "none":
+        return nullcontext()  # CPU runs stay fp32 (STYLE habit 10)
+    dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor, cfg: PipelineConfig,
+                  device: torch.device, total_steps: int) -> dict[str, float]:
+    """One update. Owns the loss, the non-finite check and the gradient skip with a cap on skips in a row.
+
+    The skip decision reads the gradient norm after DDP's all-reduce, so every rank decides the same way."""
+    t = cfg.train
+    state.model.set_step(state.step, total_steps)
+    with autocast(cfg, device):
+        out = ddp_model(x)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(out.loss).backward()
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.grad_clip)
+    bad = not torch.isfinite(grad_norm).item() or (t.skip_grad_norm > 0 and grad_norm.item() > t.skip_grad_norm)
+    if bad and not state.scaler.is_enabled():
+        state.optimizer.zero_grad(set_to_none=True)
+        state.skipped_total += 1
+        state.skipped_in_row += 1
+        if state.skipped_in_row > t.max_skipped_steps:
+            raise TrainingError(
+                f"{state.skipped_in_row} updates in a row had a non-finite loss or gradient (last loss "
+                f"{out.loss.item():.4g}, grad norm {grad_norm.item():.4g}). Likely fixes: lower train.lr, raise "
+                f"nvae.lambda_sr (or set nvae.sr_anneal=true), lower train.grad_clip; check the data for NaNs."
+            )
+    else:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.skipped_in_row = 0
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
+    state.scheduler.step()
+    state.step += 1
+    stats = {
+        "train/loss": out.loss.item(),
+        "train/nelbo": out.nelbo.mean().item(),
+        "train/recon": out.recon.mean().item(),
+        "train/kl": out.kl_per_group.sum(1).mean().item(),
+        "train/grad_norm": grad_norm.item(),
+        "train/lr": state.optimizer.param_groups[0]["lr"],
+    }
+    kl_groups = out.kl_per_group.mean(0)
+    for i, v in enumerate(kl_groups.tolist()):
+        stats[f"train/kl/group_{i:02d}"] = v
+    for key in ("beta", "lambda_sr", "sr_loss", "bn_loss", "cr_kl", "sigma", "equivalent_beta"):
+        if key in out.stats:
+            v = out.stats[key]
+            stats[f"train/{key}"] = float(v.mean().item() if torch.is_tensor(v) else v)
+    return stats
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(state: TrainState, directory: Path, cfg: PipelineConfig, batches_into_epoch: int) -> None:
+    """Write one complete checkpoint directory; the marker goes last so a crash mid-write never looks complete."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": state.model.state_dict(),
+        "ema": state.ema.state_dict() if state.ema is not None else None,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "step": state.step,
+        "epoch": state.epoch,
+        "batches_into_epoch": batches_into_epoch,
+        "skipped_total": state.skipped_total,
+        "rng": _rng_state(),
+        "config": cfg.to_dict(),
+    }
+    torch.save(payload, directory / STATE_FILE)
+    (directory / "config.yaml").write_text(dump_config(cfg))
+    (directory / COMPLETE_MARKER).write_text(json.dumps({"step": state.step, "time": time.time()}))
+
+
+def read_checkpoint(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not (directory / COMPLETE_MARKER).exists() or not (directory / STATE_FILE).exists():
+        raise FileNotFoundError(
+            f"{directory} is not a complete vaepipe checkpoint (no {COMPLETE_MARKER} marker or {STATE_FILE}); "
+            f"it was probably cut off while being written. Use an earlier checkpoint."
+        )
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(state: TrainState, payload: dict[str, Any], restore_rng: bool) -> int:
+    """Restore everything a checkpoint holds; returns how many batches of the current epoch were already done."""
+    state.model.load_state_dict(payload["model"])
+    if state.ema is not None and payload.get("ema") is not None:
+        state.ema.load_state_dict(payload["ema"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.scaler.load_state_dict(payload["scaler"])
+    state.step, state.epoch = payload["step"], payload["epoch"]
+    state.skipped_total = payload.get("skipped_total", 0)
+    if restore_rng:
+        _set_rng_state(payload["rng"])
+    return payload.get("batches_into_epoch", 0)
+
+
+def _all_reduce_sum(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return values
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, batches, cfg: PipelineConfig, device: torch.device, world: int) -> dict[str, float]:
+    """Validation negative ELBO, bits/dim and importance-weighted NLL (small K) of the EMA model, summed over ranks."""
+    from vae.metrics import importance_weighted_nll
+
+    model = state.eval_model()
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nelbo, n, iw_nll, n_iw
+    iw_budget = cfg.train.val_iw_examples
+    for batch in batches:
+        x = batch.to(device)
+        out = model(x)
+        sums[0] += out.nelbo.double().sum()
+        sums[1] += x.shape[0]
+        if iw_budget > 0:
+            xi = x[:iw_budget]
+            sums[2] += importance_weighted_nll(model, xi, k=cfg.train.val_iw_samples).double().sum()
+            sums[3] += xi.shape[0]
+            iw_budget -= xi.shape[0]
+    model.train()
+    sums = _all_reduce_sum(sums, world)
+    dims = math.prod(cfg.nvae.image_shape)
+    nelbo = (sums[0] / sums[1].clamp(min=1)).item()
+    metrics = {"val/nelbo": nelbo, "val/bpd": nelbo / (dims * math.log(2))}
+    if sums[3] > 0:
+        iw = (sums[2] / sums[3]).item()
+        metrics.update({"val/iw_nll": iw, "val/iw_bpd": iw / (dims * math.log(2))})
+    return metrics
+
+
+@torch.no_grad()
+def picture_pngs(state: TrainState, x: torch.Tensor, device: torch.device) -> dict[str, bytes]:
+    """Samples at temperatures 1.0 and 0.7 and reconstructions beside their inputs, as PNG bytes."""
+    from vae.metrics import reconstruction_grid, sample_grid
+
+    model = state.eval_model()
+    model.eval()
+    pics = {}
+    for temp in (1.0, 0.7):
+        samples = model.sample(36, temperature=temp)
+        pics[f"samples_t{temp:.1f}"] = png_bytes(sample_grid(samples, nrow=6))
+    x = x[:16].to(device)
+    pics["reconstructions"] = png_bytes(reconstruction_grid(x, model.reconstruct(x)))
+    model.train()
+    return pics
+
+
+def _heartbeat(plan: TrainPlan, rank: int, step: int) -> None:
+    # Lets operators (and the failure test) see which process is which rank and how far it got.
+    path = Path(plan.heartbeat_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "step": step, "time": time.time()}))
+    tmp.replace(path / f"rank{rank}.json")
+
+
+def _batches(shard, cfg: PipelineConfig, seed: int, train: bool = True):
+    from pipelines.data import iter_torch_batches
+
+    shuffle = train and cfg.train.shuffle_buffer > 0
+    for batch in iter_torch_batches(
+        shard,
+        batch_size=cfg.train.batch_size,
+        drop_last=train,
+        local_shuffle_buffer_size=cfg.train.shuffle_buffer if shuffle else None,
+        local_shuffle_seed=seed if shuffle else None,
+    ):
+        yield batch["image"]
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = PipelineConfig.from_dict(loop_config["config"])
+    plan = TrainPlan(**loop_config["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.train.seed + 1009 * rank)
+    state = setup(cfg, plan, device)
+
+    skip_batches = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            skip_batches = load_checkpoint(state, read_checkpoint(d), restore_rng=(rank == 0))
+        if rank != 0:
+            seed_everything(cfg.train.seed + 1009 * rank + state.step)
+    elif plan.init_checkpoint:
+        payload = read_checkpoint(plan.init_checkpoint)
+        state.model.load_state_dict(payload["model"])
+        if state.ema is not None and payload.get("ema") is not None:
+            state.ema.load_state_dict(payload["ema"])
+    if cfg.train.use_gpu and world > 1:
+        state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
+    ddp_model = ray.train.torch.prepare_model(state.model)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    images_seen, t_last = 0, time.perf_counter()
+    stop_at = min(plan.total_steps, plan.max_steps or plan.total_steps)
+    _heartbeat(plan, rank, state.step)
+    while state.step < stop_at:
+        batches_done = 0
+        for x in _batches(train_shard, cfg, seed=cfg.train.seed + 7919 * state.epoch + rank):
+            if batches_done >= plan.steps_per_epoch or state.step >= stop_at:
+                break
+            batches_done += 1
+            if batches_done <= skip_batches:
+                continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            stats = training_step(state, ddp_model, x, cfg, device, plan.total_steps)
+            images_seen += x.shape[0] * world
+            end_of_epoch = batches_done == plan.steps_per_epoch or state.step >= stop_at
+            want_ckpt = state.step % cfg.train.checkpoint_every_steps == 0 or state.step >= stop_at
+            if state.step % cfg.train.log_every_steps == 0 or want_ckpt or end_of_epoch:
+                now = time.perf_counter()
+                metrics = dict(stats)
+                metrics.update({
+                    "step": state.step, "epoch": state.epoch + 1, "epochs": cfg.train.epochs,
+                    "total_steps": stop_at, "train/images_per_s": images_seen / max(now - t_last, 1e-9),
+                    "train/skipped_steps": state.skipped_total,
+                })
+                images_seen, t_last = 0, now
+                if end_of_epoch:
+                    metrics.update(evaluate(state, _batches(val_shard, cfg, seed=0, train=False), cfg, device, world))
+                    if rank == 0:
+                        metrics["_pictures"] = picture_pngs(state, x, device)
+                    t_last = time.perf_counter()
+                _report(state, metrics, cfg, rank, want_ckpt or end_of_epoch,
+                        batches_done if not end_of_epoch else 0, end_of_epoch)
+                _heartbeat(plan, rank, state.step)
+        skip_batches = 0
+        state.epoch += 1
+        if batches_done == 0:
+            raise TrainingError(f"rank {rank} received no training batches; the dataset shard is empty")
+
+
+def _report(state: TrainState, metrics: dict, cfg: PipelineConfig, rank: int, with_checkpoint: bool,
+            batches_into_epoch: int, end_of_epoch: bool) -> None:
+    import ray.train
+
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="vaepipe-ckpt-") as d:
+        # At the end of an epoch the next resume starts a fresh epoch.
+        epoch_saved = state.epoch
+        if end_of_epoch:
+            state.epoch += 1
+        save_checkpoint(state, Path(d), cfg, batches_into_epoch)
+        state.epoch = epoch_saved
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"checkpoint-step{state.step:08d}",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Controller side: the one writer of metrics and pictures to MLflow.
+
+
+def _make_reporter(run_id: str, tracking_uri: str):
+    import ray.train
+
+    class MLflowReporter(ray.train.UserCallback):
+        """Runs on the Ray Train controller: logs rank 0's metrics at their step, pictures as PNG artifacts, and
+        prints the progress line. It survives worker restarts, so a retry never opens a second MLflow run."""
+
+        def __init__(self) -> None:
+            self._client = None
+            self._progress: Progress | None = None
+
+        def _mlflow(self):
+            if self._client is None:
+                from mlflow import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=tracking_uri)
+            return self._client
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            from mlflow.entities import Metric
+
+            m = dict(metrics[0])
+            pictures = m.pop("_pictures", None)
+            step = int(m.pop("step"))
+            epoch, epochs, total = int(m.pop("epoch")), int(m.pop("epochs")), int(m.pop("total_steps"))
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in m.items()
+                     if isinstance(v, (int, float)) and math.isfinite(v)]
+            client = self._mlflow()
+            for i in range(0, len(batch), 900):
+                client.log_batch(run_id, metrics=batch[i:i + 900])
+            if pictures:
+                with tempfile.TemporaryDirectory() as d:
+                    for name, data in pictures.items():
+                        p = Path(d) / f"{name}_epoch{epoch:03d}.png"
+                        p.write_bytes(data)
+                        client.log_artifact(run_id, str(p), artifact_path="pictures")
+            if self._progress is None:
+                self._progress = Progress(STAGE, total)
+            shown = {"loss": m.get("train/loss", float("nan")), "img/s": m.get("train/images_per_s", float("nan"))}
+            if "val/bpd" in m:
+                shown["val_bpd"] = m["val/bpd"]
+            print(self._progress.line(step, epoch, epochs, shown), flush=True)
+
+    return MLflowReporter()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side.
+
+
+def check_dataset(cfg: PipelineConfig):
+    """The dataset must exist, verify, and match the model's image shape — checked before any worker starts."""
+    from pipelines.data import read_manifest
+
+    manifest = read_manifest(cfg.data.path)
+    if tuple(manifest.shape) != tuple(cfg.nvae.image_shape):
+        c, h, w = manifest.shape
+        raise ConfigError(
+            f"nvae.image_shape: {list(cfg.nvae.image_shape)} does not match the dataset at {cfg.data.path} "
+            f"(shape {list(manifest.shape)}); set --set nvae.image_shape=[{c},{h},{w}] or prepare the data with "
+            f"--image-size {cfg.nvae.image_shape[-1]}"
+        )
+    for split in ("train", "val"):
+        if manifest.splits.get(split, 0) == 0:
+            raise ConfigError(f"data.path: the dataset at {cfg.data.path} has no '{split}' examples; "
+                              f"prepare it with data.val_fraction > 0")
+    return manifest
+
+
+def _storage_path(cfg: PipelineConfig) -> str:
+    path = cfg.train.storage_path or str(Path(cfg.tracking.workdir) / "ray")
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _find_interrupted_run(tracker, cfg: PipelineConfig) -> tuple[str, str]:
+    runs = tracker.find_runs(
+        cfg.name, filter_string="tags.`vaepipe.stage` = 'train' and attributes.status != 'FINISHED'", max_results=1
+    )
+    if not runs:
+        raise ConfigError(
+            f"--resume: experiment vaepipe/{cfg.name} has no interrupted train run to resume; run without --resume"
+        )
+    run = runs[0]
+    return run.info.run_id, run.data.tags["vaepipe.ray_run"]
+
+
+def _checkpoint_of_run(tracker, run_id: str) -> str:
+    """--from-run: the final checkpoint another train run logged as its `checkpoint` artifact."""
+    import mlflow
+
+    try:
+        tracker.client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"--from-run: no run {run_id!r} in {tracker.tracking_uri}; `vaepipe runs list` shows runs") from None
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
+                                                    tracking_uri=tracker.tracking_uri)
+    except Exception as e:
+        raise ConfigError(f"--from-run: run {run_id} has no 'checkpoint' artifact ({e}); pick a finished train run") from None
+    read_checkpoint(local)  # refuses an incomplete one now, not in a worker
+    return local
+
+
+def run_train(
+    cfg: PipelineConfig,
+    tracker=None,
+    *,
+    parent_run_id: str | None = None,
+    resume: bool = False,
+    from_run: str | None = None,
+    ray_address: str | None = None,
+) -> StageResult:
+    """Train the NVAE of `cfg` on Ray Train; log, checkpoint and register it. Everything that can be wrong with the
+    inputs (config, data, tracking server, --resume/--from-run targets) fails here, before any worker starts."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.data import ray_dataset
+    from pipelines.tracking import Tracker, dataset_tag
+
+    manifest = check_dataset(cfg)
+    tracker = tracker or Tracker.connect(cfg.tracking)
+    init_checkpoint = _checkpoint_of_run(tracker, from_run) if from_run else None
+    t = cfg.train
+    world = max(1, t.num_workers)
+    steps_per_epoch, total_steps = plan_steps(manifest.splits["train"], world, t.batch_size, t.epochs)
+
+    own_parent = False
+    if resume:
+        run_id, ray_name = _find_interrupted_run(tracker, cfg)
+        tracker.client.set_terminated(run_id, "RUNNING")
+        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        if parent and parent != parent_run_id and tracker.client.get_run(parent).info.status != "FINISHED":
+            parent_run_id, own_parent = parent, True  # the standalone train's own pipeline run goes on too
+            tracker.client.set_terminated(parent, "RUNNING")
+        print(f"[train] resuming MLflow run {run_id} (Ray run {ray_name})", flush=True)
+    else:
+        if parent_run_id is None:  # a stage run on its own still hangs under a pipeline run (lineage, `runs list`)
+            parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name="train"), True
+        run_id = tracker.start_stage_run(
+            cfg, STAGE, parent_run_id=parent_run_id, dataset_tag=dataset_tag(cfg.data.path),
+            source_model=f"runs:/{from_run}/checkpoint" if from_run else None,
+        )
+        ray_name = f"{cfg.name}-train-{run_id[:12]}"
+        tracker.client.set_tag(run_id, "vaepipe.ray_run", ray_name)
+        tracker.client.log_param(run_id, "plan.steps_per_epoch", steps_per_epoch)
+        tracker.client.log_param(run_id, "plan.total_steps", total_steps)
+    storage = _storage_path(cfg)
+    plan = TrainPlan(
+        run_id=run_id, tracking_uri=tracker.tracking_uri, data_path=cfg.data.path,
+        train_examples=manifest.splits["train"], val_examples=manifest.splits["val"],
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        heartbeat_dir=str(Path(storage) / ray_name / "heartbeat") if "://" not in storage else tempfile.mkdtemp(),
+        init_checkpoint=init_checkpoint, max_steps=t.max_steps,
+    )
+
+    init_ray(ray_address)
+    # Same batches in the same order on a rerun: exact resume needs it, and shuffling comes from a seeded buffer.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    datasets = {"train": ray_dataset(cfg.data.path, "train"), "val": ray_dataset(cfg.data.path, "val")}
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=ray_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=[_make_reporter(run_id, tracker.tracking_uri)],
+        ),
+        datasets=datasets,
+    )
+    print(f"[train] {t.num_workers or 1} worker(s), {steps_per_epoch} steps/epoch × {t.epochs} epochs; "
+          f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise TrainingError(f"training ended without a checkpoint; see the logs in {storage}/{ray_name}")
+        stage_result = finish(cfg, tracker, run_id, result)
+        status = "FINISHED"
+        return stage_result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.end_run(run_id, status)
+        if own_parent:
+            tracker.end_run(parent_run_id, status)
+
+
+def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
+    """Log the final (EMA) model with pickle serialization and our packages as code paths, register it as
+    `<name>-nvae` with the alias `candidate`, and keep the last checkpoint as an artifact."""
+    import vae
+    from vae import NVAE
+
+    with result.checkpoint.as_directory() as d:
+        payload = read_checkpoint(d)
+        tracker.log_artifacts(run_id, d, artifact_path="checkpoint")
+    model = NVAE(cfg.nvae)
+    model.load_state_dict(payload["model"])
+    if payload.get("ema") is not None:
+        # AveragedModel keeps the averaged module under "module." next to its step counter.
+        ema = {k[len("module."):]: v for k, v in payload["ema"].items() if k.startswith("module.")}
+        model.load_state_dict(ema)
+    model.eval()
+    c, h, w = cfg.nvae.image_shape
+    logged_uri = tracker.log_pytorch_model(
+        run_id, model, name="model", input_example=np.zeros((1, c, h, w), dtype=np.float32)
+    )
+    final = {k: float(v) for k, v in (result.metrics or {}).items()
+             if isinstance(v, (int, float)) and k.startswith("val/")}
+    model_uri = f"runs:/{run_id}/model"
+    name = f"{cfg.name}-nvae"
+    version = tracker.register_model(logged_uri, name, alias="candidate", tags={"vaepipe.run_id": run_id})
+    tracker.end_run(run_id, "FINISHED")
+    print(f"[train] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
+    return StageResult(STAGE, run_id, model_uri=f"models:/{name}@candidate", registered_model=name,
+                       registered_version=str(version), metrics=final)

@@ -1,0 +1,415 @@
+"""The data layer: sources, the Parquet writer, the manifest checks, both readers and the CLI, on real files.
+
+Datasets here are small (a few hundred 16x16 images) but span several shards and row groups, so shard boundaries,
+the shuffle window and multi-chunk columns are exercised as they are at full size.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.config import DataConfig
+from pipelines.data import (
+    DatasetError,
+    ParquetImageReader,
+    ensure_dataset,
+    iter_torch_batches,
+    load_source,
+    load_split,
+    make_shapes,
+    prepare_dataset,
+    ray_dataset,
+    read_manifest,
+    verify,
+)
+from pipelines.data import prepare as prepare_mod
+from pipelines.data.cli import register
+from pipelines.data.shapes import FACTOR_RANGES, SHAPES
+from vae.config import ConfigError
+
+SHAPES_CFG = DataConfig(source="shapes", image_size=16, num_examples=400, rgb=True, seed=3)
+ROWS_PER_SHARD = 70  # 320 training rows → 4 full shards and one of 40
+ROWS_PER_GROUP = 32  # several row groups per shard: columns arrive in several chunks
+
+
+@pytest.fixture(scope="module")
+def shapes_ds(tmp_path_factory):
+    """A prepared RGB shapes dataset (several shards per split) and the source arrays it was made from."""
+    out = tmp_path_factory.mktemp("data") / "shapes16"
+    image_bytes = 3 * 16 * 16
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare_mod, "SHARD_BYTES", ROWS_PER_SHARD * image_bytes)
+        mp.setattr(prepare_mod, "ROW_GROUP_BYTES", ROWS_PER_GROUP * image_bytes)
+        manifest = prepare_dataset(SHAPES_CFG, out=str(out), progress=False)
+    return out, manifest, load_source(SHAPES_CFG)
+
+
+def _files(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+
+
+def test_manifest_describes_the_shards(shapes_ds):
+    out, manifest, src = shapes_ds
+    assert manifest == read_manifest(str(out))
+    assert manifest.shape == (3, 16, 16)
+    assert manifest.splits == {"train": 320, "val": 40, "test": 40}
+    assert [s.rows for s in manifest.shards["train"]] == [70, 70, 70, 70, 40]
+    assert manifest.label_names == SHAPES
+    assert manifest.factor_names == ("shape", "scale", "rotation", "pos_x", "pos_y", "hue")
+    assert manifest.factor_ranges[1] == FACTOR_RANGES["scale"]
+    assert manifest.source["config"]["num_examples"] == 400 and manifest.source["vaepipe_version"]
+    for split in manifest.shards.values():
+        for shard in split:
+            assert hashlib.sha256((out / shard.path).read_bytes()).hexdigest() == shard.sha256
+    checked = verify(manifest, str(out))
+    assert checked.shards == 7 and checked.bytes == manifest.total_bytes
+    assert len(manifest.sha256) == 64 and manifest.sha256 != hashlib.sha256(b"").hexdigest()
+
+
+def test_pyarrow_reader_round_trip_is_exact(shapes_ds):
+    out, manifest, src = shapes_ds
+    for split in ("train", "val", "test"):
+        want = src.splits[split]
+        reader = ParquetImageReader(str(out), split, batch_size=32, image_dtype=torch.uint8)
+        assert reader.verified.shards == len(manifest.shards[split])  # checked once, when built
+        batches = list(reader)
+        assert len(batches) == len(reader) == -(-len(want) // 32)
+        images = torch.cat([b["image"] for b in batches]).numpy()
+        assert images.dtype == np.uint8 and np.array_equal(images, want.images)
+        assert np.array_equal(torch.cat([b["label"] for b in batches]).numpy(), want.labels)
+        assert np.array_equal(torch.cat([b["factors"] for b in batches]).numpy(), want.factors)
+    whole = load_split(str(out), "train")
+    assert whole["image"].dtype == torch.float32 and whole["image"].shape == (320, 3, 16, 16)
+    assert 0.0 <= whole["image"].min() and whole["image"].max() <= 1.0
+    assert np.array_equal((whole["image"] * 255).round().to(torch.uint8).numpy(), src.splits["train"].images)
+
+
+def test_pyarrow_reader_shuffles_by_seed_and_epoch(shapes_ds):
+    out, _, src = shapes_ds
+    want = src.splits["train"]
+
+    def epoch(reader):
+        return torch.cat([b["factors"] for b in reader]).numpy()
+
+    a = ParquetImageReader(str(out), batch_size=50, shuffle=True, seed=1)
+    first, again = epoch(a), epoch(ParquetImageReader(str(out), batch_size=50, shuffle=True, seed=1))
+    assert np.array_equal(first, again)  # same seed, same epoch
+    second = epoch(a)  # the next pass is the next epoch
+    assert not np.array_equal(first, second)
+    key = lambda f: f[np.lexsort(f.T[::-1])]  # noqa: E731  (rows sorted: the same multiset of examples)
+    assert np.array_equal(key(first), key(want.factors)) and np.array_equal(key(second), key(want.factors))
+    assert not np.array_equal(first, want.factors)
+    # Rows move between shards, not only within one.
+    first_shard = {tuple(r) for r in want.factors[:ROWS_PER_SHARD]}
+    assert sum(tuple(r) in first_shard for r in first[:ROWS_PER_SHARD]) < ROWS_PER_SHARD
+    dropped = ParquetImageReader(str(out), batch_size=50, shuffle=True, drop_last=True)
+    sizes = [len(b["image"]) for b in dropped]
+    assert sizes == [50] * 6 == [50] * len(dropped)
+
+
+def test_ray_reader_round_trip_is_exact(shapes_ds, ray_local):
+    out, manifest, src = shapes_ds
+    want = src.splits["train"]
+    ds = ray_dataset(str(out), "train")
+    batches = list(iter_torch_batches(ds, batch_size=64))
+    images = torch.cat([b["image"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches]).numpy()
+    factors = torch.cat([b["factors"] for b in batches]).numpy()
+    assert images.dtype == torch.float32 and images.shape == (320, 3, 16, 16) and float(images.max()) <= 1.0
+    pixels = (images * 255).round().to(torch.uint8).numpy()
+    # Ray may hand blocks over out of order: match rows by their (unique) factor vectors.
+    order = {f.tobytes(): i for i, f in enumerate(want.factors)}
+    idx = np.array([order[f.tobytes()] for f in factors])
+    assert sorted(idx) == list(range(320))
+    assert np.array_equal(pixels, want.images[idx])
+    assert np.array_equal(labels, want.labels[idx])
+
+
+def test_ray_reader_without_factors_gives_empty_factors(tmp_path, ray_local):
+    out = tmp_path / "digits8"
+    prepare_dataset(DataConfig(source="digits", val_fraction=0.0, test_fraction=0.5), out=str(out), progress=False)
+    want = load_split(str(out), "test", image_dtype=torch.uint8)
+    batches = list(iter_torch_batches(ray_dataset(str(out), "test"), batch_size=1000, image_dtype=torch.uint8))
+    got = torch.cat([b["image"] for b in batches])
+    assert got.dtype == torch.uint8 and sorted(map(bytes, got.flatten(1).numpy())) == sorted(
+        map(bytes, want["image"].flatten(1).numpy())
+    )
+    assert all(b["factors"].shape == (len(b["image"]), 0) for b in batches)
+    # val_fraction=0: an empty split that still reads as empty, not as an error.
+    assert read_manifest(str(out)).splits["val"] == 0
+    assert list(ParquetImageReader(str(out), "val")) == [] and len(ParquetImageReader(str(out), "val")) == 0
+
+
+def test_mock_object_store_round_trip(monkeypatch):
+    # pyarrow's in-memory filesystem stands in for an object store: no atomic rename, dataset.json written last.
+    fs = pafs._MockFileSystem()
+    cfg = DataConfig(source="shapes", image_size=8, num_examples=60, seed=5)
+    manifest = prepare_dataset(cfg, out="bucket/shapes8", progress=False, filesystem=fs)
+    assert fs.get_file_info("bucket/shapes8/dataset.json").type == pafs.FileType.File
+    reader = ParquetImageReader("bucket/shapes8", "train", batch_size=100, image_dtype=torch.uint8, filesystem=fs)
+    batch = next(iter(reader))
+    assert np.array_equal(batch["image"].numpy(), load_source(cfg).splits["train"].images)
+    again = prepare_dataset(cfg.replace(seed=6), out="bucket/shapes8", overwrite=True, progress=False, filesystem=fs)
+    assert again.sha256 != manifest.sha256 and read_manifest("bucket/shapes8", fs).sha256 == again.sha256
+
+    # A crash half-way through an overwrite leaves a directory that readers refuse, not a stale-looking dataset.
+    def crash(*args, **kwargs):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(prepare_mod, "_write_shard", crash)
+    with pytest.raises(OSError, match="connection reset"):
+        prepare_dataset(cfg, out="bucket/shapes8", overwrite=True, progress=False, filesystem=fs)
+    with pytest.raises(DatasetError, match="has no dataset.json"):
+        ParquetImageReader("bucket/shapes8", filesystem=fs)
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+def test_digits_resize_is_smooth_and_split_by_seed(tmp_path):
+    src = load_source(DataConfig(source="digits", image_size=16))
+    train = src.splits["train"]
+    assert train.images.shape[1:] == (1, 16, 16) and train.images.dtype == np.uint8
+    assert sum(len(s) for s in src.splits.values()) == 1797
+    assert (len(src.splits["val"]), len(src.splits["test"])) == (180, 180)
+    # Bilinear upsampling makes intermediate grey levels; nearest-neighbour would keep the 17 original ones.
+    assert len(np.unique(train.images)) > 100 and train.images.max() >= 250
+    native = load_source(DataConfig(source="digits"))
+    assert native.splits["train"].images.shape[1:] == (1, 8, 8)
+    assert set(np.unique(native.splits["train"].images)) <= {round(v * 255 / 16) for v in range(17)}
+    other = load_source(DataConfig(source="digits", seed=1))
+    assert not np.array_equal(native.splits["train"].labels, other.splits["train"].labels)
+    manifest = prepare_dataset(DataConfig(source="digits", image_size=32), out=str(tmp_path / "d32"), progress=False)
+    assert manifest.shape == (1, 32, 32) and manifest.label_names == tuple("0123456789") and manifest.num_factors == 0
+
+
+def test_shapes_are_deterministic_and_factors_drive_the_pixels():
+    images, labels, factors = make_shapes(600, image_size=32, rgb=True, seed=7)
+    again = make_shapes(600, image_size=32, rgb=True, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip((images, labels, factors), again))
+    assert not np.array_equal(images, make_shapes(600, image_size=32, rgb=True, seed=8)[0])
+    assert np.array_equal(make_shapes(100, image_size=32, rgb=True, seed=7)[0], images[:100])  # prefix-stable
+    assert images.shape == (600, 3, 32, 32) and factors.dtype == np.float32
+    assert np.array_equal(labels, factors[:, 0].astype(np.int64)) and set(labels) == {0, 1, 2, 3}
+    for j, name in enumerate(("shape", "scale", "rotation", "pos_x", "pos_y", "hue")):
+        lo, hi = FACTOR_RANGES[name]
+        assert lo <= factors[:, j].min() and factors[:, j].max() <= hi
+        assert factors[:, j].max() - factors[:, j].min() > 0.9 * (hi - lo)  # the whole range is used
+    # The factors are real: area grows with scale^2 per shape, the centroid follows pos_x, the colour follows hue.
+    mass = images.astype(np.float64).max(axis=1).sum(axis=(1, 2)) / 255
+    for k in range(4):
+        m = labels == k
+        assert np.corrcoef(mass[m], factors[m, 1] ** 2)[0, 1] > 0.97
+    cover = images.max(axis=1).astype(np.float64)
+    cx = (cover * np.arange(32)).sum(axis=(1, 2)) / cover.sum(axis=(1, 2))
+    assert np.corrcoef(cx, factors[:, 3])[0, 1] > 0.97
+    red = images[:, 0].sum(axis=(1, 2)) / images.sum(axis=(1, 2, 3))
+    assert red[np.abs(factors[:, 5] - 0.0) < 0.05].mean() > 0.6 and red[np.abs(factors[:, 5] - 0.5) < 0.05].mean() < 0.1
+    grey = make_shapes(10, image_size=64, rgb=False, seed=0)
+    assert grey[0].shape == (10, 1, 64, 64) and grey[2].shape == (10, 5)
+
+
+def test_folder_source_reads_real_pngs(tmp_path):
+    root = tmp_path / "pictures"
+    rng = np.random.default_rng(0)
+    for cls, n in (("cats", 6), ("dogs", 4)):
+        (root / cls / "nested").mkdir(parents=True)
+        for i in range(n):
+            size = (40, 30) if i % 2 else (24, 24)  # mixed, non-square sizes are centre-cropped
+            pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / ("nested" if i == 0 else "") / f"{i}.png")
+    Image.fromarray(np.full((20, 20), 200, dtype=np.uint8)).save(root / "loose.png")
+    (root / "notes.txt").write_text("not an image")
+
+    cfg = DataConfig(source="folder", source_path=str(root), image_size=8, val_fraction=0.0, test_fraction=0.0)
+    manifest = prepare_dataset(cfg, out=str(tmp_path / "out"), progress=False)
+    assert manifest.shape == (3, 8, 8) and manifest.label_names == ("cats", "dogs")
+    assert manifest.splits == {"train": 11, "val": 0, "test": 0}
+    data = load_split(str(tmp_path / "out"), "train", image_dtype=torch.uint8)
+    assert sorted(data["label"].tolist()) == [-1] + [0] * 6 + [1] * 4
+    loose = data["image"][data["label"] == -1][0]
+    assert torch.all(loose == 200)  # grey image, replicated into the 3 channels
+
+    with pytest.raises(DatasetError, match="different sizes.*--image-size"):
+        load_source(cfg.replace(image_size=None))
+    with pytest.raises(DatasetError, match="no images"):
+        load_source(cfg.replace(source_path=str(tmp_path / "out" / "val")))
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_source(cfg.replace(source_path=str(tmp_path / "nowhere")))
+
+
+def test_torchvision_source_without_files_or_network_says_where_to_put_them(tmp_path, monkeypatch):
+    # A proxy on a closed local port makes every download fail at once, whatever this machine's network.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(DatasetError) as err:
+        load_source(DataConfig(source="mnist", cache_dir=str(tmp_path / "cache")))
+    assert time.perf_counter() - start < 60
+    msg = str(err.value)
+    assert "downloading them failed" in msg and f"{tmp_path / 'cache'}/MNIST/raw/" in msg
+    assert "train-images-idx3-ubyte.gz" in msg
+    with pytest.raises(DatasetError, match=r"cifar-10-python.tar.gz .*cifar-10-batches-py"):
+        load_source(DataConfig(source="cifar10", cache_dir=str(tmp_path / "cache")))
+
+
+# ------------------------------------------------------------------------------------------- refusals, errors
+
+
+def test_missing_manifest_names_the_prepare_command(tmp_path):
+    with pytest.raises(DatasetError, match=r"does not exist.*vaepipe data prepare"):
+        read_manifest(str(tmp_path / "nothing"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(DatasetError, match=r"has no dataset.json.*vaepipe data prepare"):
+        ParquetImageReader(str(tmp_path / "half"))
+
+
+@pytest.fixture
+def digits_copy(tmp_path):
+    out = tmp_path / "digits"
+    prepare_dataset(DataConfig(source="digits", image_size=16), out=str(out), progress=False)
+    return out
+
+
+def test_tampered_shard_is_refused(digits_copy):
+    shard = digits_copy / "train" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    expected = r"train/part-00000.parquet .*does not match its checksum.*vaepipe data prepare digits"
+    with pytest.raises(DatasetError, match=expected):
+        ParquetImageReader(str(digits_copy), "train")
+    ParquetImageReader(str(digits_copy), "val")  # the other splits are still fine
+    with pytest.raises(DatasetError, match="checksum"):
+        verify(read_manifest(str(digits_copy)), str(digits_copy))
+
+
+def test_missing_shard_is_refused(digits_copy):
+    (digits_copy / "test" / "part-00000.parquet").unlink()
+    with pytest.raises(DatasetError, match=r"shard test/part-00000.parquet .*is missing.*--overwrite"):
+        ray_dataset(str(digits_copy), "test")
+
+
+def test_manifest_that_disagrees_with_the_shards_is_refused(digits_copy):
+    mpath = digits_copy / "dataset.json"
+    original = json.loads(mpath.read_text())
+    edited = dict(original, shape=[1, 8, 8])
+    mpath.write_text(json.dumps(edited))
+    with pytest.raises(DatasetError, match=r"images of 256 bytes, but dataset.json says shape \[1, 8, 8\] = 64 bytes"):
+        load_split(str(digits_copy), "val")
+    edited = dict(original, factors={"names": ["size"], "ranges": [[0, 1]]})
+    mpath.write_text(json.dumps(edited))
+    expected = r"has schema .*factors: null.* but dataset.json expects .*factors: fixed_size_list"
+    with pytest.raises(DatasetError, match=expected):
+        load_split(str(digits_copy), "val")
+    with pytest.raises(DatasetError, match="has no split 'valid'; it has train, val, test"):
+        ParquetImageReader(str(digits_copy), "valid")
+
+
+def test_prepare_refuses_a_non_empty_target_and_keeps_the_old_data(digits_copy):
+    before = _files(digits_copy)
+    cfg = DataConfig(source="shapes", image_size=8, num_examples=50)
+    expected = r"already holds a prepared dataset \(digits-16\); nothing was changed.*--overwrite"
+    with pytest.raises(DatasetError, match=expected):
+        prepare_dataset(cfg, out=str(digits_copy), progress=False)
+    assert _files(digits_copy) == before
+    manifest = prepare_dataset(cfg, out=str(digits_copy), overwrite=True, progress=False)
+    assert read_manifest(str(digits_copy)) == manifest and manifest.name == "shapes-8"
+    assert [p.name for p in digits_copy.parent.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+    foreign = digits_copy.parent / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(DatasetError, match="not part of a vaepipe dataset.*refusing"):
+        prepare_dataset(cfg, out=str(foreign), overwrite=True, progress=False)
+    assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_a_crash_while_writing_leaves_nothing_that_looks_complete(digits_copy, monkeypatch):
+    before = _files(digits_copy)
+    calls = []
+
+    def failing_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    real = prepare_mod._write_shard
+    monkeypatch.setattr(prepare_mod, "_write_shard", failing_write)
+    cfg = DataConfig(source="digits", image_size=8)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset(cfg, out=str(digits_copy.parent / "fresh"), progress=False)
+    assert not (digits_copy.parent / "fresh").exists()
+    calls.clear()
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset(cfg, out=str(digits_copy), overwrite=True, progress=False)
+    assert _files(digits_copy) == before  # the old dataset is untouched
+    assert sorted(p.name for p in digits_copy.parent.iterdir()) == ["digits"]
+
+
+def test_ensure_dataset_prepares_once_and_refuses_a_different_config(tmp_path):
+    cfg = DataConfig(source="shapes", image_size=8, num_examples=40, path=str(tmp_path / "auto"))
+    made = ensure_dataset(cfg, progress=False)
+    stamp = (tmp_path / "auto" / "dataset.json").stat().st_mtime_ns
+    assert ensure_dataset(cfg.replace(cache_dir="/elsewhere"), progress=False) == made  # reused, not remade
+    assert (tmp_path / "auto" / "dataset.json").stat().st_mtime_ns == stamp
+    with pytest.raises(DatasetError, match=r"data.num_examples: 40 there, 80 asked.*--num-examples 80 --overwrite"):
+        ensure_dataset(cfg.replace(num_examples=80), progress=False)
+    assert read_manifest(cfg.path) == made
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="vaepipe")
+    register(parser.add_subparsers())
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_cli_prepare_and_inspect(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    argv = ["--image-size", "16", "--num-examples", "120", "--rgb", "--seed", "2"]
+    assert _cli("data", "prepare", "shapes", "--out", str(out), *argv) == 0
+    printed = capsys.readouterr().out
+    assert "train/part-00000.parquet: 96 rows" in printed and "dataset shapes-16-rgb" in printed
+    manifest = read_manifest(str(out))
+    assert manifest.splits == {"train": 96, "val": 12, "test": 12} and manifest.source["config"]["seed"] == 2
+
+    assert _cli("data", "inspect", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "verified 3 shard(s)" in printed and "factors shape [0, 3], scale [0.5, 1]" in printed
+    with Image.open(out / "examples.png") as grid:
+        assert grid.mode == "RGB" and grid.width >= 256
+    assert _cli("data", "inspect", str(out), "--png", str(tmp_path / "grid.png")) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+    with pytest.raises(DatasetError, match="--overwrite"):
+        _cli("data", "prepare", "digits", "--out", str(out))
+    assert _cli("data", "prepare", "digits", "--out", str(out), "--overwrite") == 0
+    assert read_manifest(str(out)).name == "digits-8"
+
+    with pytest.raises(ConfigError, match="--num-examples applies to source 'shapes' only"):
+        _cli("data", "prepare", "digits", "--out", str(tmp_path / "x"), "--num-examples", "5")
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        _cli("data", "prepare", "digits", "--out", str(tmp_path / "x"), "--val-fraction", "0.9")
+    with pytest.raises(ConfigError, match="source 'folder' needs the image folder"):
+        _cli("data", "prepare", "folder", "--out", str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

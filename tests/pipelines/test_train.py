@@ -1,0 +1,183 @@
+"""Stage train end to end on a local Ray and a real sqlite MLflow store, on the digits data made offline."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipelines.config import load_config
+from pipelines.train_vae import lr_factor, plan_steps, read_checkpoint, run_train
+from vae.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_cfg(digits16: str, store, tmp_path: Path, **train):
+    overrides = [f"data.path={digits16}", f"tracking.workdir={store.workdir}",
+                 f"tracking.tracking_uri={store.tracking_uri}", f"tracking.artifact_location={store.artifact_location}",
+                 f"train.storage_path={tmp_path / 'ray'}", "train.log_every_steps=10", "train.val_iw_examples=32"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(REPO / "configs" / "demo.yaml", overrides)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    f = [lr_factor(s, 10, 100, 1e-2, 1e-4) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] * 1e-2 == pytest.approx(1e-4, rel=0.01)
+
+
+def test_plan_gives_every_rank_whole_batches_and_refuses_too_small_data():
+    assert plan_steps(1437, 2, 32, 3) == (22, 66)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        plan_steps(100, 2, 64, 1)
+
+
+@pytest.mark.slow
+def test_two_workers_train_register_and_the_model_loads_in_a_fresh_process(ray_local, digits16, mlflow_store, tmp_path):
+    cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=8, batch_size=32, num_workers=2, cpus_per_worker=1,
+                   checkpoint_every_steps=50)
+    result = run_train(cfg)
+    client = mlflow.MlflowClient(mlflow_store.tracking_uri)
+    bpd = [m.value for m in sorted(client.get_metric_history(result.run_id, "val/bpd"), key=lambda m: m.step)]
+    assert len(bpd) == 8
+    assert bpd[-1] < bpd[0] - 0.05, bpd
+    iw = client.get_metric_history(result.run_id, "val/iw_nll")
+    nelbo = client.get_metric_history(result.run_id, "val/nelbo")
+    assert iw and iw[-1].value <= nelbo[-1].value + 1e-3
+    run = client.get_run(result.run_id)
+    assert run.data.tags["vaepipe.stage"] == "train" and run.info.status == "FINISHED"
+    assert "train/kl/group_00" in run.data.metrics and "train/images_per_s" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(result.run_id, "pictures")}
+    assert any("samples_t0.7" in a for a in arts) and any("reconstructions" in a for a in arts)
+    assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {"checkpoint/state.pt"}
+    mv = client.get_model_version_by_alias("demo-nvae", "candidate")
+    assert mv.version == result.registered_version
+
+    script = textwrap.dedent(f"""
+        import mlflow, torch
+        mlflow.set_tracking_uri({mlflow_store.tracking_uri!r})
+        m = mlflow.pytorch.load_model("models:/demo-nvae@candidate")
+        assert type(m).__name__ == "NVAE", type(m)
+        x = m.sample(4, temperature=0.7)
+        assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
+        print("ok", tuple(x.shape))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok (4, 1, 16, 16)" in out.stdout
+
+
+def _final_state(result) -> dict:
+    client = mlflow.MlflowClient()
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="checkpoint")
+    return read_checkpoint(local)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_same_step_with_identical_state(ray_local, digits16, mlflow_store, tmp_path):
+    mlflow.set_tracking_uri(mlflow_store.tracking_uri)
+    common = dict(epochs=2, batch_size=64, num_workers=1, checkpoint_every_steps=10, use_ema="false")
+    straight = run_train(make_cfg(digits16, mlflow_store, tmp_path / "a", **common))
+
+    # The same run cut short at step 25 (checkpoint at 20 and at the stop), then resumed to the end.
+    cfg_b = make_cfg(digits16, mlflow_store, tmp_path / "b", **common, max_steps=25)
+    first = run_train(cfg_b)
+    assert _final_state(first)["step"] == 25
+    client = mlflow.MlflowClient()
+    client.set_terminated(first.run_id, "FAILED")  # what an interrupted run looks like to --resume
+    resumed = run_train(make_cfg(digits16, mlflow_store, tmp_path / "b", **common), resume=True)
+    assert resumed.run_id == first.run_id  # the same MLflow run, not a second one
+    steps = [m.step for m in client.get_metric_history(first.run_id, "train/loss")]
+    assert min(s for s in steps if s > 25) == 30  # continued where it stopped
+    _assert_same_state(_final_state(straight), _final_state(resumed))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits16, mlflow_store, tmp_path):
+    cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=6, batch_size=32, num_workers=2,
+                   checkpoint_every_steps=10, max_failures=1)
+    killed: dict = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            for hb in (tmp_path / "ray").glob("*/heartbeat/rank1.json"):
+                try:
+                    info = json.loads(hb.read_text())
+                except (OSError, ValueError):
+                    continue
+                if info["step"] >= 25:
+                    os.kill(info["pid"], signal.SIGKILL)
+                    killed.update(info)
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_train(cfg)
+    thread.join(timeout=1)
+    assert killed, "the test never saw rank 1 pass step 25"
+    client = mlflow.MlflowClient(mlflow_store.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(result.run_id, "train/loss")
+    steps = sorted({m.step for m in history})
+    total = int(run.data.params["plan.total_steps"]) if "plan.total_steps" in run.data.params else steps[-1]
+    assert steps[-1] == total
+    # Restarted from the checkpoint at or before the kill: steps after it were logged twice, none were skipped.
+    repeated = {s for s in steps if sum(m.step == s for m in history) > 1}
+    assert repeated and min(repeated) > killed["step"] - 10 - 10
+    assert all(b - a <= 10 for a, b in zip(steps, steps[1:]))
+
+
+def test_bad_inputs_fail_before_any_worker_starts(digits16, mlflow_store, tmp_path, monkeypatch):
+    import pipelines.train_vae as tv
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray must not start for bad input")
+
+    monkeypatch.setattr(tv, "init_ray", no_ray)
+    good = make_cfg(digits16, mlflow_store, tmp_path)
+    missing = load_config(REPO / "configs" / "demo.yaml", [f"data.path={tmp_path / 'nothing'}",
+                                                          f"tracking.tracking_uri={mlflow_store.tracking_uri}"])
+    with pytest.raises(Exception, match="vaepipe data prepare"):
+        run_train(missing)
+    unreachable = load_config(REPO / "configs" / "demo.yaml", [f"data.path={digits16}",
+                                                              "tracking.tracking_uri=http://127.0.0.1:9",
+                                                              "tracking.connect_timeout_s=3"])
+    t0 = time.time()
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        run_train(unreachable)
+    assert time.time() - t0 < 20
+    with pytest.raises(ConfigError, match="nvae.preset"):
+        load_config(REPO / "configs" / "demo.yaml", ["nvae.preset=gigantic"])
+    wrong_shape = load_config(REPO / "configs" / "demo.yaml", [f"data.path={digits16}",
+                                                              "nvae.image_shape=[1,32,32]"])
+    with pytest.raises(ConfigError, match=r"does not match the dataset"):
+        run_train(wrong_shape)
+    with pytest.raises(ConfigError, match="no interrupted train run"):
+        run_train(good, resume=True)

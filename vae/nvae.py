@@ -1,0 +1,627 @@
+"""NVAE: a deep hierarchical VAE (Vahdat & Kautz, "NVAE: A Deep Hierarchical Variational Autoencoder", NeurIPS 2020),
+with σ-VAE decoders (Rybkin et al., ICML 2021) and CR-VAE consistency regularisation (Sinha & Dieng, NeurIPS 2021).
+
+Model (paper Sec. 3, Fig. 2): latents z = (z_1 .. z_L) in groups over spatial scales; the top-down decoder starts
+from a learned constant and visits the groups coarsest scale first. The prior is p(z_1) = N(0, I) and
+p(z_l | z_<l) = N(μ_p, σ_p) from the decoder state (ELU, 1×1 conv); the posterior is residual,
+q(z_l | z_<l, x) = N(μ_p + Δμ, σ_p·Δσ) (Eq. 2), with (Δμ, log Δσ) from a 3×3 conv of the bottom-up encoder features
+plus a 1×1 conv of the decoder state. Optional shift-only autoregressive flows act on posterior samples (log-det 0).
+
+Objective per step (NVAE's training code): recon + β_t·Σ_l γ_l·KL_l + λ_SR·(Σ_conv σ_max(W) + Σ_BN max|γ|), with
+β_t the KL warm-up and γ the KL balancing coefficients (`vae.regularizers`). Without flows KL_l is the analytic
+Gaussian KL given the sampled z_<l; with flows it is the single-sample log q(z_l|·) − log p(z_l|·).
+
+CR-NVAE (METHODS 3.2): ELBO(x) + ELBO(t(x)) − λ·Σ_l KL(q(z_l | z_<l, t(x)) ‖ q(z_l | z_<l, x)), z sampled along one
+path from q(·|t(x)) and both conditionals evaluated on the same decoder state. The flows do not see x, so the KL of
+the base Normals equals the KL after the (shared) flow exactly.
+
+Departures from the released NVAE, each for a stated reason:
+- The pre-process cells are encoder (BN-Swish) cells, as in NVAE's `res_mbconv` recipe; only post-process uses the
+  expansion-3 inverted residual (the decoder side).
+- The encoder sees what the likelihood scores: DML inputs are rounded to `num_x_bits`, Bernoulli inputs binarised
+  at 0.5 (the Bernoulli decoder scores x > 0.5), Gaussian inputs are left continuous.
+- The top prior is exactly N(0, I) (its raw log σ is set so that exp(clamp(·)) + 1e-2 = 1), not N(0, 1.01²).
+- BN re-adjustment resets the decoder's running statistics and takes their exact average over the sampled batches
+  (cumulative average) instead of an EMA over 500 batches, and skips batches with non-finite outputs.
+- In eval mode the loss is the plain negative ELBO (β = 1, no balancing, no SR, no CR).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vae.config import Config, ConfigError, in_range, non_negative, one_of, positive
+from vae.crvae import TRANSFORM_PRESETS, consistency_kl, make_transform
+from vae.distributions import SIGMA_FLOOR, Normal, OutputDistribution, make_output_distribution, output_channels
+from vae.layers import BN_MOMENTUM, Conv2d, DecoderCell, EncoderCell, PairedFlow
+from vae.regularizers import (
+    SpectralRegularizer,
+    balanced_kl,
+    batchnorm_penalty,
+    kl_balance_alphas,
+    kl_coefficient,
+    sr_coefficient,
+)
+
+# Raw log σ of the top prior: exp(5·tanh(r/5)) + 1e-2 = 1 exactly, so p(z_1) is N(0, I).
+_TOP_LOG_SIGMA = 5.0 * math.atanh(math.log(1.0 - SIGMA_FLOOR) / 5.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class NVAEConfig(Config):
+    _prefix: ClassVar[str] = "nvae."
+    # Images the model sees (C, H, W) in [0, 1], after any padding (MNIST: 28 padded to 32).
+    image_shape: tuple[int, int, int] = dataclasses.field(default=(1, 16, 16), metadata=positive())
+    # The loss ignores this many pixels on each side (MNIST: 2, scoring the central 28×28 of the 32×32 pad).
+    crop: int = dataclasses.field(default=0, metadata=non_negative())
+    # --- architecture (NVAE's flag names); channels double at each down-sampling
+    num_channels_enc: int = dataclasses.field(default=16, metadata=positive())
+    num_channels_dec: int = dataclasses.field(default=16, metadata=positive())
+    num_preprocess_blocks: int = dataclasses.field(default=1, metadata=non_negative())  # each halves H and W
+    num_preprocess_cells: int = dataclasses.field(default=1, metadata=positive())
+    num_postprocess_blocks: int = dataclasses.field(default=1, metadata=non_negative())  # each doubles H and W
+    num_postprocess_cells: int = dataclasses.field(default=1, metadata=positive())
+    num_latent_scales: int = dataclasses.field(default=2, metadata=positive())
+    num_groups_per_scale: int = dataclasses.field(default=2, metadata=positive())  # at the finest scale
+    ada_groups: bool = False  # halve the group count at each coarser scale ...
+    min_groups_per_scale: int = dataclasses.field(default=1, metadata=positive())  # ... down to this floor
+    num_latent_per_group: int = dataclasses.field(default=4, metadata=positive())  # latent channels per group
+    num_cell_per_cond_enc: int = dataclasses.field(default=1, metadata=positive())
+    num_cell_per_cond_dec: int = dataclasses.field(default=1, metadata=positive())
+    num_nf: int = dataclasses.field(default=0, metadata=non_negative())  # paired shift flows per group
+    use_se: bool = True
+    # --- decoder distribution: discretized logistic mixture, Bernoulli, or σ-VAE Gaussian (σ* / learned / fixed)
+    decoder: Literal["dml", "bernoulli", "gaussian_optimal", "gaussian_learned", "gaussian_fixed"] = "dml"
+    num_mixture_dec: int = dataclasses.field(default=10, metadata=positive())
+    num_x_bits: int = dataclasses.field(default=8, metadata=in_range(1, 8))
+    fixed_sigma: float = dataclasses.field(default=1.0, metadata=positive())  # gaussian_fixed only
+    # --- KL warm-up β_t = max(min((t − const·T)/(anneal·T), 1), const_coeff) and KL balancing while β_t < 1
+    kl_anneal_portion: float = dataclasses.field(default=0.3, metadata=in_range(0.0, 1.0, lo_open=True))
+    kl_const_portion: float = dataclasses.field(default=1e-4, metadata=in_range(0.0, 1.0))
+    kl_const_coeff: float = dataclasses.field(default=1e-4, metadata=in_range(0.0, 1.0))
+    kl_balance: bool = True
+    # --- spectral regularisation λ_SR (0 turns it off); optionally annealed log-linearly from lambda_sr_init
+    lambda_sr: float = dataclasses.field(default=1e-2, metadata=non_negative())
+    sr_anneal: bool = False
+    lambda_sr_init: float = dataclasses.field(default=10.0, metadata=positive())
+    sr_power_iters: int = dataclasses.field(default=4, metadata=positive())
+    # --- CR-VAE: λ (0 = off) and the transformation preset of vae.crvae
+    cr_lambda: float = dataclasses.field(default=0.0, metadata=non_negative())
+    cr_transform: str = dataclasses.field(default="simple", metadata=one_of(*TRANSFORM_PRESETS))
+
+    @property
+    def num_downsamplings(self) -> int:
+        return self.num_preprocess_blocks + self.num_latent_scales - 1
+
+    def validate(self) -> None:
+        c, h, w = self.image_shape
+        factor = 2**self.num_downsamplings
+        for side_name, side in (("height", h), ("width", w)):
+            if side % factor:
+                lower = side // factor * factor
+                near = f"{lower} or {lower + factor}" if lower else f"{factor}"
+                raise ConfigError(
+                    f"{self._key('image_shape')}: {list(self.image_shape)} has {side_name} {side}, which cannot be "
+                    f"halved {self.num_downsamplings} times ({self.num_preprocess_blocks} pre-process blocks + "
+                    f"{self.num_latent_scales} latent scales − 1); use a multiple of {factor}, e.g. {near} (pad or "
+                    f"resize the data), or lower {self._key('num_preprocess_blocks')} / "
+                    f"{self._key('num_latent_scales')}"
+                )
+        if self.num_postprocess_blocks != self.num_preprocess_blocks:
+            raise ConfigError(
+                f"{self._key('num_postprocess_blocks')}: {self.num_postprocess_blocks} must equal "
+                f"{self._key('num_preprocess_blocks')}={self.num_preprocess_blocks} (each post-process block undoes "
+                "one pre-process down-sampling); set both to the same value"
+            )
+        if 2 * self.crop >= min(h, w):
+            raise ConfigError(
+                f"{self._key('crop')}: {self.crop} pixels off each side leaves nothing of a {h}×{w} image; use a crop "
+                f"below {(min(h, w) + 1) // 2} (0 scores the whole image)"
+            )
+        if self.decoder == "dml" and c > 4:
+            raise ConfigError(
+                f"{self._key('decoder')}: 'dml' models 1 to 4 image channels, image_shape has {c}; use a gaussian_* "
+                "decoder for more channels"
+            )
+        if self.ada_groups and self.min_groups_per_scale > self.num_groups_per_scale:
+            raise ConfigError(
+                f"{self._key('min_groups_per_scale')}: {self.min_groups_per_scale} exceeds "
+                f"{self._key('num_groups_per_scale')}={self.num_groups_per_scale}; the floor must not be above the "
+                "finest scale's count"
+            )
+        if self.kl_const_portion + self.kl_anneal_portion > 1.0:
+            raise ConfigError(
+                f"{self._key('kl_anneal_portion')}: {self.kl_anneal_portion} + {self._key('kl_const_portion')} "
+                f"{self.kl_const_portion} > 1, so the KL warm-up would not finish before training ends; lower them"
+            )
+        if self.sr_anneal and self.lambda_sr == 0:
+            raise ConfigError(
+                f"{self._key('sr_anneal')}: annealing needs {self._key('lambda_sr')} > 0 (the schedule is "
+                "log-linear); set lambda_sr (e.g. 1e-2) or sr_anneal=false"
+            )
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "NVAEConfig":
+        """A named configuration ("tiny", "mnist", "cifar10", "celeba64") with fields overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown NVAE preset {name!r}; choose one of {', '.join(PRESETS)}")
+        unknown = [k for k in overrides if k not in cls.field_names()]
+        if unknown:
+            raise ConfigError(f"unknown key nvae.{unknown[0]!r} in preset overrides; known keys: {', '.join(cls.field_names())}")
+        return PRESETS[name].replace(**overrides)
+
+
+# "tiny" (ours): 2 scales × 2 groups on 16×16 images, for tests and the demo. The others are the published models
+# (README commands and paper App. A), every architecture number written out.
+_BASE = NVAEConfig()
+PRESETS: dict[str, NVAEConfig] = {
+    "tiny": _BASE,
+    "mnist": _BASE.replace(
+        image_shape=(1, 32, 32), crop=2, decoder="bernoulli",
+        num_channels_enc=32, num_channels_dec=32,
+        num_preprocess_blocks=2, num_preprocess_cells=3, num_postprocess_blocks=2, num_postprocess_cells=3,
+        num_latent_scales=2, num_groups_per_scale=10, ada_groups=True, min_groups_per_scale=1,
+        num_latent_per_group=20, num_cell_per_cond_enc=2, num_cell_per_cond_dec=2,
+        num_nf=0, use_se=True, lambda_sr=1e-2,
+    ),
+    "cifar10": _BASE.replace(
+        image_shape=(3, 32, 32), crop=0, decoder="dml", num_mixture_dec=10, num_x_bits=8,
+        num_channels_enc=128, num_channels_dec=128,
+        num_preprocess_blocks=1, num_preprocess_cells=2, num_postprocess_blocks=1, num_postprocess_cells=2,
+        num_latent_scales=1, num_groups_per_scale=30, ada_groups=False,
+        num_latent_per_group=20, num_cell_per_cond_enc=2, num_cell_per_cond_dec=2,
+        num_nf=1, use_se=True, lambda_sr=1e-2,
+    ),
+    "celeba64": _BASE.replace(
+        image_shape=(3, 64, 64), crop=0, decoder="dml", num_mixture_dec=10, num_x_bits=8,
+        num_channels_enc=64, num_channels_dec=64,
+        num_preprocess_blocks=1, num_preprocess_cells=2, num_postprocess_blocks=1, num_postprocess_cells=2,
+        num_latent_scales=3, num_groups_per_scale=20, ada_groups=True, min_groups_per_scale=1,
+        num_latent_per_group=20, num_cell_per_cond_enc=2, num_cell_per_cond_dec=2,
+        num_nf=1, use_se=True, lambda_sr=1e-1,
+    ),
+}
+
+
+@dataclasses.dataclass
+class GroupStep:
+    """One latent group k on a top-down path. Shapes: z, eps (B, C_z, h_k, w_k); context (B, C_dec_k, h_k, w_k)."""
+
+    prior: Normal  # p(z_k | z_<k), from `context`
+    posterior: Normal | None  # base Normal of q(z_k | z_<k, x) before the flows; None on a prior path
+    z: Tensor  # what the decoder consumed (after the flows on a posterior path)
+    eps: Tensor  # the standard-normal noise behind z (z_base = μ + σ·ε of the posterior, or of the prior)
+    context: Tensor  # decoder state summarising z_<k, after group k's decoder cells
+    log_q: Tensor | None  # (B,) log q(z_k | z_<k, x) (the flows only shift: log-det 0); None on a prior path
+
+
+@dataclasses.dataclass
+class NVAEOutput:
+    """What `NVAE.forward` returns. Per-example values are in nats; pixel sums run over the (cropped) image."""
+
+    loss: Tensor  # () to minimise: see NVAE.forward
+    nelbo: Tensor  # (B,) recon + Σ kl_per_group (β = 1)
+    recon: Tensor  # (B,) −log p(x | z)
+    kl_per_group: Tensor  # (B, L)
+    log_px_z: Tensor  # (B,) log p(x | z) for the one sampled z
+    log_pz: Tensor  # (B,) log p(z) = Σ_l log p(z_l | z_<l)
+    log_qz: Tensor  # (B,) log q(z | x) = Σ_l log q(z_l | z_<l, x)
+    dist: OutputDistribution  # p(x | z) over the whole image, for reconstructions
+    stats: dict[str, Tensor]  # detached: beta, kl_total, gammas (L,); training: lambda_sr, sr_loss, bn_loss, cr_kl;
+    # Gaussian decoders: sigma, equivalent_beta
+
+
+@dataclasses.dataclass
+class _Elbo:
+    feats: list[Tensor]
+    steps: list[GroupStep]
+    loss_dist: OutputDistribution
+    dist: OutputDistribution
+    log_px: Tensor  # (B,)
+    kl: Tensor  # (B, L)
+    log_p: Tensor  # (B, L)
+    cr_kl: Tensor | None  # (B,)
+
+
+class NVAE(nn.Module):
+    """x (B, C, H, W) in [0, 1] -> NVAEOutput. Groups are indexed top-down: k = 0 is the top (coarsest) group."""
+
+    def __init__(self, cfg: NVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c_img, height, width = cfg.image_shape
+        c_z, se, pre, n_scales = cfg.num_latent_per_group, cfg.use_se, cfg.num_preprocess_blocks, cfg.num_latent_scales
+
+        bottom_up, n = [], cfg.num_groups_per_scale
+        for _ in range(n_scales):
+            bottom_up.append(n)
+            if cfg.ada_groups:
+                n = max(n // 2, cfg.min_groups_per_scale)
+        self.groups_per_scale: list[int] = bottom_up[::-1]  # coarsest scale first, the decoder's order
+        self.num_groups = sum(bottom_up)
+        scale_of = [i for i, g in enumerate(self.groups_per_scale) for _ in range(g)]  # group -> scale (0 = coarsest)
+        hs = [height // 2 ** (pre + n_scales - 1 - i) for i in range(n_scales)]
+        ws = [width // 2 ** (pre + n_scales - 1 - i) for i in range(n_scales)]
+        self.latent_shapes: list[tuple[int, int, int]] = [(c_z, hs[s], ws[s]) for s in scale_of]
+        enc_ch = [cfg.num_channels_enc * 2 ** (pre + n_scales - 1 - i) for i in range(n_scales)]
+        dec_ch = [cfg.num_channels_dec * 2 ** (pre + n_scales - 1 - i) for i in range(n_scales)]
+
+        # Bottom-up encoder: stem, pre-process (last cell of each block down-samples), tower (finest scale first).
+        ch = cfg.num_channels_enc
+        self.stem = Conv2d(c_img, ch, 3, padding=1)
+        cells = []
+        for _ in range(pre):
+            for i in range(cfg.num_preprocess_cells):
+                down = i == cfg.num_preprocess_cells - 1
+                cells.append(EncoderCell(ch, down=down, use_se=se))
+                ch = 2 * ch if down else ch
+        self.preprocess = nn.Sequential(*cells)
+        self.enc_groups = nn.ModuleList()
+        self.enc_down = nn.ModuleList()
+        self._enc_down_after: dict[int, int] = {}  # last encoder group of bottom-up scale s -> down cell s
+        for s, groups in enumerate(bottom_up):
+            for _ in range(groups):
+                self.enc_groups.append(nn.Sequential(*(EncoderCell(ch, use_se=se) for _ in range(cfg.num_cell_per_cond_enc))))
+            if s < n_scales - 1:
+                self._enc_down_after[len(self.enc_groups) - 1] = s
+                self.enc_down.append(EncoderCell(ch, down=True, use_se=se))
+                ch *= 2
+        self.enc0 = nn.Sequential(nn.ELU(), Conv2d(enc_ch[0], enc_ch[0], 1))
+
+        # Top-down decoder. Modules of groups k >= 1 only (the top group has no cells, a fixed prior and no decoder
+        # state to condition on) are indexed k − 1, so no parameter is ever unused (DDP requires it).
+        self.top_state0 = nn.Parameter(torch.randn(1, dec_ch[0], hs[0], ws[0]))
+        self.dec_groups = nn.ModuleList(
+            nn.Sequential(*(DecoderCell(dec_ch[scale_of[k]], 6, use_se=se) for _ in range(cfg.num_cell_per_cond_dec)))
+            for k in range(1, self.num_groups)
+        )
+        self.prior_heads = nn.ModuleList(
+            nn.Sequential(nn.ELU(), Conv2d(dec_ch[scale_of[k]], 2 * c_z, 1)) for k in range(1, self.num_groups)
+        )
+        self.post_context = nn.ModuleList(
+            Conv2d(dec_ch[scale_of[k]], enc_ch[scale_of[k]], 1) for k in range(1, self.num_groups)
+        )
+        self.post_heads = nn.ModuleList(
+            Conv2d(enc_ch[scale_of[k]], 2 * c_z, 3, padding=1) for k in range(self.num_groups)
+        )
+        self.combiners = nn.ModuleList(
+            Conv2d(dec_ch[scale_of[k]] + c_z, dec_ch[scale_of[k]], 1) for k in range(self.num_groups)
+        )
+        self.flows = nn.ModuleList(
+            nn.Sequential(*(PairedFlow(c_z) for _ in range(cfg.num_nf))) for _ in range(self.num_groups)
+        )
+        self.dec_up = nn.ModuleList(DecoderCell(dec_ch[i], 6, up=True, use_se=se) for i in range(n_scales - 1))
+        ends = [sum(self.groups_per_scale[: i + 1]) - 1 for i in range(n_scales - 1)]
+        self._up_after = {k: i for i, k in enumerate(ends)}  # last group of scale i -> up cell i
+
+        # Post-process (first cell of each block up-samples), then the output head.
+        ch = dec_ch[-1]
+        cells = []
+        for _ in range(cfg.num_postprocess_blocks):
+            for i in range(cfg.num_postprocess_cells):
+                cells.append(DecoderCell(ch, 3, up=i == 0, use_se=se))
+                ch = ch // 2 if i == 0 else ch
+        self.postprocess = nn.Sequential(*cells)
+        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, output_channels(cfg.decoder, c_img, cfg.num_mixture_dec), 3, padding=1))
+        if cfg.decoder == "gaussian_learned":
+            self.log_sigma = nn.Parameter(torch.zeros(()))  # σ-VAE's shared learned σ, init 1
+        # σ-VAE optimal σ*: a running estimate of log σ* so that sampling needs no data.
+        self.register_buffer("running_log_sigma", torch.zeros(()))
+
+        # Schedules (set_step) live in buffers so that checkpoints carry them; until set_step runs: β = 1, λ = λ_SR.
+        self.register_buffer("kl_beta", torch.tensor(1.0))
+        self.register_buffer("sr_lambda", torch.tensor(float(cfg.lambda_sr)))
+        self.register_buffer("kl_alphas", kl_balance_alphas(self.groups_per_scale, hs), persistent=False)
+        self.spectral = (
+            SpectralRegularizer([w.shape for w in self.sr_weights()], n_power_iterations=cfg.sr_power_iters)
+            if cfg.lambda_sr > 0
+            else None
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Building blocks of the paths, public so that NCP (per-group classifiers, SIR, Langevin) can drive the decoder.
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """x (B, C, H, W) in [0, 1] -> encoder features per group, top-down: [k] is (B, C_enc_k, h_k, w_k)."""
+        self._check_input(x)
+        s = self.preprocess(self.stem(2.0 * self._as_scored(x) - 1.0))
+        feats = []
+        for i, cells in enumerate(self.enc_groups):
+            s = cells(s)
+            feats.append(s)
+            if i in self._enc_down_after:
+                s = self.enc_down[self._enc_down_after[i]](s)
+        feats[-1] = self.enc0(feats[-1])  # the top group reads the end of the tower
+        return feats[::-1]
+
+    def top_state(self, batch_size: int) -> Tensor:
+        """The learned constant the decoder starts from, (B, C_dec_0, h_0, w_0)."""
+        return self.top_state0.expand(batch_size, -1, -1, -1)
+
+    def group_context(self, k: int, state: Tensor) -> Tensor:
+        """Run group k's decoder cells on the state (identity for the top group)."""
+        return state if k == 0 else self.dec_groups[k - 1](state)
+
+    def group_prior(self, k: int, context: Tensor, temperature: float = 1.0) -> Normal:
+        """p(z_k | z_<k) (B, C_z, h_k, w_k); the temperature multiplies σ."""
+        if k == 0:
+            shape = (context.shape[0], *self.latent_shapes[0])
+            zeros = torch.zeros(shape, device=context.device)
+            return Normal(zeros, torch.full_like(zeros, _TOP_LOG_SIGMA), temperature)
+        mu, log_sigma = self.prior_heads[k - 1](context).float().chunk(2, dim=1)
+        return Normal(mu, log_sigma, temperature)
+
+    def group_posterior(self, k: int, context: Tensor, feature: Tensor, prior: Normal) -> Normal:
+        """Residual posterior q(z_k | z_<k, x) before flows, from encoder feature k and the decoder context."""
+        h = feature if k == 0 else feature + self.post_context[k - 1](context)
+        delta_mu, delta_log_sigma = self.post_heads[k](h).float().chunk(2, dim=1)
+        return Normal.residual(prior, delta_mu, delta_log_sigma)
+
+    def group_flow(self, k: int, z0: Tensor) -> Tensor:
+        return self.flows[k](z0)
+
+    def group_absorb(self, k: int, context: Tensor, z: Tensor) -> Tensor:
+        """Combine z_k into the decoder state (concat, 1×1 conv); up-sample when group k ends a scale."""
+        state = self.combiners[k](torch.cat([context, z.to(context.dtype)], dim=1))
+        return self.dec_up[self._up_after[k]](state) if k in self._up_after else state
+
+    def decode(self, state: Tensor) -> Tensor:
+        """Final decoder state -> output-distribution parameters (B, output_channels, H, W)."""
+        return self.head(self.postprocess(state)).float()
+
+    def output_distribution(self, params: Tensor) -> OutputDistribution:
+        cfg = self.cfg
+        log_sigma = {"gaussian_learned": getattr(self, "log_sigma", None), "gaussian_optimal": self.running_log_sigma}
+        return make_output_distribution(
+            cfg.decoder, params, num_channels=cfg.image_shape[0], num_mix=cfg.num_mixture_dec,
+            num_bits=cfg.num_x_bits, log_sigma=log_sigma.get(cfg.decoder), fixed_sigma=cfg.fixed_sigma,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Paths through the hierarchy.
+
+    def _posterior_path(
+        self, feats: list[Tensor], use_mean: bool = False, cross: list[Tensor] | None = None
+    ) -> tuple[list[GroupStep], Tensor, Tensor | None]:
+        """Sample z ~ q(z|x) group by group. With `cross` (another input's features) also sum over groups the
+        KL(q(z_k|z_<k, this input) ‖ q(z_k|z_<k, other input)) on the same decoder states -> (B,)."""
+        state = self.top_state(feats[0].shape[0])
+        steps, cross_kl = [], None
+        for k in range(self.num_groups):
+            context = self.group_context(k, state)
+            prior = self.group_prior(k, context)
+            q = self.group_posterior(k, context, feats[k], prior)
+            if use_mean:
+                z0, eps = q.mu, torch.zeros_like(q.mu)
+            else:
+                z0, eps = q.sample()
+            z = self.group_flow(k, z0)
+            steps.append(GroupStep(prior, q, z, eps, context, q.log_prob(z0).flatten(1).sum(1)))
+            if cross is not None:
+                q_other = self.group_posterior(k, context, cross[k], prior)
+                kl = consistency_kl(q.mu, q.sigma, q_other.mu, q_other.sigma)
+                cross_kl = kl if cross_kl is None else cross_kl + kl
+            state = self.group_absorb(k, context, z)
+        return steps, state, cross_kl
+
+    def encode_path(self, x: Tensor) -> list[GroupStep]:
+        """One posterior sample z ~ q(z|x), group by group, with each group's prior, posterior, z and context."""
+        steps, _, _ = self._posterior_path(self.encode(x))
+        return steps
+
+    def prior_path(self, eps: list[Tensor], temperature: float = 1.0) -> tuple[list[GroupStep], Tensor]:
+        """z_k = μ_k + T·σ_k·ε_k through the prior, group by group. eps[k] (B, *latent_shapes[k]).
+        Differentiable in eps (Langevin in ε space). Returns the steps and the final decoder state."""
+        if len(eps) != self.num_groups:
+            raise ValueError(f"prior_path: got {len(eps)} noise tensors, the model has {self.num_groups} groups")
+        state = self.top_state(eps[0].shape[0])
+        steps = []
+        for k in range(self.num_groups):
+            context = self.group_context(k, state)
+            prior = self.group_prior(k, context, temperature)
+            z = prior.sample_given_eps(eps[k])
+            steps.append(GroupStep(prior, None, z, eps[k], context, None))
+            state = self.group_absorb(k, context, z)
+        return steps, state
+
+    def decode_from_eps(self, eps: list[Tensor], temperature: float = 1.0) -> tuple[OutputDistribution, list[GroupStep]]:
+        """Decode prior noise: p(x | z(ε)) and the per-group steps."""
+        steps, state = self.prior_path(eps, temperature)
+        return self.output_distribution(self.decode(state)), steps
+
+    def standard_eps(self, batch_size: int) -> list[Tensor]:
+        """ε ~ N(0, I) for every group: [(B, *latent_shapes[k])]."""
+        device = self.top_state0.device
+        return [torch.randn(batch_size, *shape, device=device) for shape in self.latent_shapes]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Objective.
+
+    def _elbo(self, x: Tensor, cross: list[Tensor] | None = None) -> _Elbo:
+        feats = self.encode(x)
+        steps, state, cross_kl = self._posterior_path(feats, cross=cross)
+        params = self.decode(state)
+        dist = self.output_distribution(params)
+        c = self.cfg.crop
+        loss_dist = dist if c == 0 else self.output_distribution(params[:, :, c:-c, c:-c])
+        target = x if c == 0 else x[:, :, c:-c, c:-c]
+        log_px = loss_dist.log_prob(target).flatten(1).sum(1)
+        log_p = torch.stack([s.prior.log_prob(s.z).flatten(1).sum(1) for s in steps], dim=1)
+        if self.cfg.num_nf > 0:
+            kl = torch.stack([s.log_q for s in steps], dim=1) - log_p
+        else:
+            kl = torch.stack([s.posterior.kl(s.prior).flatten(1).sum(1) for s in steps], dim=1)
+        return _Elbo(feats, steps, loss_dist, dist, log_px, kl, log_p, cross_kl)
+
+    def forward(self, x: Tensor) -> NVAEOutput:
+        """x (B, C, H, W) in [0, 1] -> NVAEOutput.
+
+        Training: loss = mean_B[recon + β_t·Σ_l γ_l·KL_l] + λ_SR·(Σ σ_max + Σ max|γ_BN|), plus with CR
+        mean_B[recon(t(x)) + β_t·Σ γ·KL(t(x)) + λ_CR·KL(q(·|t(x)) ‖ q(·|x))]. Eval: loss = mean_B[nelbo].
+        """
+        cfg = self.cfg
+        e = self._elbo(x)
+        beta = float(self.kl_beta) if self.training else 1.0
+        kl_term, gammas = balanced_kl(e.kl, self.kl_alphas, beta, cfg.kl_balance)
+        per_example = kl_term - e.log_px
+        stats: dict[str, Tensor] = {"beta": torch.tensor(beta), "gammas": gammas.detach()}
+        if self.training and cfg.cr_lambda > 0:
+            e_t = self._elbo(make_transform(cfg.cr_transform)(x), cross=e.feats)
+            kl_term_t, _ = balanced_kl(e_t.kl, self.kl_alphas, beta, cfg.kl_balance)
+            per_example = per_example + kl_term_t - e_t.log_px + cfg.cr_lambda * e_t.cr_kl
+            stats["cr_kl"] = e_t.cr_kl.mean().detach()
+        loss = per_example.mean()
+        if self.training and self.spectral is not None:
+            lam = float(self.sr_lambda)
+            sr, bn = self.spectral(self.sr_weights()), batchnorm_penalty(self)
+            loss = loss + lam * (sr + bn)
+            stats.update(lambda_sr=torch.tensor(lam), sr_loss=sr.detach(), bn_loss=bn.detach())
+        if cfg.decoder.startswith("gaussian"):
+            stats.update(sigma=e.loss_dist.sigma.detach(), equivalent_beta=e.loss_dist.equivalent_beta.detach())
+            if self.training and cfg.decoder == "gaussian_optimal":
+                with torch.no_grad():
+                    self.running_log_sigma.lerp_(e.loss_dist.log_sigma.to(self.running_log_sigma), BN_MOMENTUM)
+        recon = -e.log_px
+        stats["kl_total"] = e.kl.sum(1).mean().detach()
+        return NVAEOutput(
+            loss=loss, nelbo=recon + e.kl.sum(1), recon=recon, kl_per_group=e.kl, log_px_z=e.log_px,
+            log_pz=e.log_p.sum(1), log_qz=torch.stack([s.log_q for s in e.steps], dim=1).sum(1), dist=e.dist,
+            stats=stats,
+        )
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Set the KL warm-up β_t and the spectral weight λ_SR for optimiser step `step` of `total_steps`."""
+        cfg = self.cfg
+        self.kl_beta.fill_(kl_coefficient(step, total_steps, cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff))
+        if cfg.lambda_sr > 0:
+            self.sr_lambda.fill_(sr_coefficient(
+                step, total_steps, cfg.lambda_sr, cfg.sr_anneal, cfg.lambda_sr_init,
+                cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff,
+            ))
+
+    def sr_weights(self) -> list[Tensor]:
+        """The effective kernels of every conv layer, in a fixed order: what the spectral regulariser sees."""
+        return [m.effective_weight() for m in self.modules() if isinstance(m, Conv2d)]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Using a trained model.
+
+    def log_weights(self, x: Tensor) -> Tensor:
+        """(B,) log p(x|z) + log p(z) − log q(z|x) for one z ~ q(z|x); logsumexp over K of these (x repeated K
+        times) minus log K is the importance-weighted bound."""
+        e = self._elbo(x)
+        return e.log_px + e.log_p.sum(1) - torch.stack([s.log_q for s in e.steps], dim=1).sum(1)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, mode: Literal["sample", "mean"] = "sample") -> Tensor:
+        """(n, C, H, W) in [0, 1]: z from the prior with every σ multiplied by `temperature`, then a sample of
+        p(x|z) or its mean. Uses the current mode: call eval() (and readjust_bn for low temperatures) first."""
+        if temperature < 0:
+            raise ValueError(f"sample: temperature {temperature} must be >= 0 (1 is the model; 0.6-0.9 are typical)")
+        dist, _ = self.decode_from_eps(self.standard_eps(n), temperature)
+        return self._draw(dist, mode)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, mode: Literal["sample", "mean"] = "mean") -> Tensor:
+        """(B, C, H, W) in [0, 1]: decode one z ~ q(z|x)."""
+        _, state, _ = self._posterior_path(self.encode(x))
+        return self._draw(self.output_distribution(self.decode(state)), mode)
+
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor) -> list[Tensor]:
+        """μ of each group's base posterior (B, *latent_shapes[k]), along the path that feeds every group the
+        means of the groups above (deterministic; with flows z_k is flow(μ_k), and μ_k is the pre-flow mean)."""
+        steps, _, _ = self._posterior_path(self.encode(x), use_mean=True)
+        return [s.posterior.mu for s in steps]
+
+    @torch.no_grad()
+    def readjust_bn(self, num_batches: int = 100, batch_size: int = 16, temperature: float = 1.0) -> int:
+        """Re-estimate the decoder's BN running statistics from prior samples at `temperature` (NVAE's
+        --readjust_bn), as the exact average over `num_batches` batches. A batch whose decoder output or statistics
+        are non-finite is skipped (its update undone). Leaves the model in eval mode; returns the skipped count."""
+        if num_batches < 1 or batch_size < 2:
+            raise ValueError(f"readjust_bn: need num_batches >= 1 and batch_size >= 2, got {num_batches}, {batch_size}")
+        bns = [m for part in (self.dec_groups, self.dec_up, self.postprocess) for m in part.modules()
+               if isinstance(m, nn.BatchNorm2d)]
+        original = _bn_stats(bns)
+        momenta = [bn.momentum for bn in bns]
+        skipped = 0
+        try:
+            self.train()
+            for bn in bns:
+                bn.momentum = None  # cumulative average over the batches
+                bn.reset_running_stats()
+            for _ in range(num_batches):
+                before = _bn_stats(bns)
+                _, state = self.prior_path(self.standard_eps(batch_size), temperature)
+                finite = [torch.isfinite(self.decode(state)).all()]
+                finite += [torch.isfinite(t).all() for bn in bns for t in (bn.running_mean, bn.running_var)]
+                if not bool(torch.stack(finite).all()):
+                    _load_bn_stats(bns, before)
+                    skipped += 1
+            if skipped == num_batches:
+                raise RuntimeError(
+                    f"readjust_bn: all {num_batches} batches at temperature {temperature} gave non-finite outputs; "
+                    "the running statistics were left unchanged. Check the model for NaN weights or lower the "
+                    "temperature"
+                )
+        except BaseException:
+            _load_bn_stats(bns, original)
+            raise
+        finally:
+            for bn, momentum in zip(bns, momenta):
+                bn.momentum = momentum
+            self.eval()
+        return skipped
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _as_scored(self, x: Tensor) -> Tensor:
+        """The input as the likelihood scores it: n-bit levels for DML, binary for Bernoulli, as is for Gaussians."""
+        if self.cfg.decoder == "dml":
+            levels = 2**self.cfg.num_x_bits - 1
+            return torch.round(x * levels) / levels
+        if self.cfg.decoder == "bernoulli":
+            return (x > 0.5).to(x.dtype)
+        return x
+
+    def _check_input(self, x: Tensor) -> None:
+        shape = self.cfg.image_shape
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(
+                f"NVAE expects a float tensor in [0, 1], got {getattr(x, 'dtype', type(x))}; convert 8-bit images "
+                "with x.float() / 255"
+            )
+        if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(
+                f"NVAE expects images of shape (B, {shape[0]}, {shape[1]}, {shape[2]}) (nvae.image_shape), got "
+                f"{tuple(x.shape)}; resize or pad the data, or set nvae.image_shape={list(x.shape[1:])}"
+            )
+        if not bool(((x >= 0) & (x <= 1)).all()):
+            raise ValueError(
+                f"NVAE expects pixel values in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}] "
+                "(or non-finite ones); map [-1, 1] data with (x + 1) / 2"
+            )
+
+    @staticmethod
+    def _draw(dist: OutputDistribution, mode: str) -> Tensor:
+        if mode == "mean":
+            return dist.mean()
+        if mode == "sample":
+            return dist.sample()
+        raise ValueError(f"mode {mode!r} is not 'sample' or 'mean'")
+
+
+def _bn_stats(bns: list[nn.BatchNorm2d]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    return [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
+
+
+def _load_bn_stats(bns: list[nn.BatchNorm2d], stats: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+    for bn, (mean, var, count) in zip(bns, stats):
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.num_batches_tracked.copy_(count)
