@@ -34,6 +34,8 @@ Choices where METHODS leaves room, each with its reason:
   `max_consecutive_skips` skipped model updates in a row raise RuntimeError (VDVAE's rule: a cap, not silence).
 - Spectral-norm parametrizations refuse pickling, so a GWAE pickles as (config, state_dict, mode) and is rebuilt on
   load; `torch.save(model)` and MLflow's pickle flavour therefore work.
+- The encoder's log σ² is soft-clamped to ±10 by default (`logvar_bound`): L_H alone is unbounded below, and at
+  lr 1e-3 on digits log σ² ran away to ~60 in 11 steps and the loss turned NaN.
 - Encoder/decoder widths are base·(1, 2, 4, 8, 8, ...): capped at 8·base (256 by default) for images above 64×64.
 """
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from vae.config import Config, ConfigError, non_negative, positive
+from vae.distributions import soft_clamp
 
 PRIORS = ("np", "fnp", "gmp", "gaussian")
 LOGIT_EPS = 1e-3  # inputs are clamped to [1e-3, 1 − 1e-3] before the logit: exact 0/1 pixels would map to ±inf
@@ -84,6 +87,9 @@ class GWAEConfig(Config):
     lr: float = dataclasses.field(default=1e-4, metadata=positive())
     lr_critic: float = dataclasses.field(default=1e-4, metadata=positive())
     max_consecutive_skips: int = dataclasses.field(default=10, metadata=positive())
+    # Soft bound b on the encoder's log σ² (b·tanh(·/b), NVAE's ±5 on log σ); null turns it off. L_H rewards large
+    # σ without limit, so once the decoder ignores z nothing stops log σ² growing until z̃ overflows.
+    logvar_bound: float | None = dataclasses.field(default=10.0, metadata=positive())
 
     def validate(self) -> None:
         key = self._key("image_shape")
@@ -462,7 +468,10 @@ class GWAE(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (B, C, H, W) -> μ (B, z), log σ² (B, z)
         self._check_images(x)
-        return self.encoder(x)
+        mu, logvar = self.encoder(x)
+        if self.config.logvar_bound is not None:
+            logvar = soft_clamp(logvar, self.config.logvar_bound)
+        return mu, logvar
 
     def decode(self, z: Tensor) -> Tensor:  # (B, z) -> (B, C, H, W) in [0, 1]
         return self.decoder(z)
