@@ -36,6 +36,7 @@ from vae.config import ConfigError
 STAGE = "train"
 STATE_FILE = "state.pt"
 COMPLETE_MARKER = "COMPLETE"
+PICTURES_DIR = "pictures"
 
 
 class TrainingError(RuntimeError):
@@ -102,6 +103,24 @@ class TrainState:
         return self.ema.module if self.ema is not None else self.model
 
 
+def ema_with_warmup(decay: float):
+    """EMA whose decay ramps up as min(decay, (1+n)/(10+n)) over the n updates so far: with a fixed 0.999 the
+    average of a short run would still be mostly the random initialisation."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - d)
+        for e, p in zip(ema_params, params):
+            if not e.is_floating_point():
+                e.copy_(p)  # counters such as BN's num_batches_tracked
+
+    return update
+
+
 def setup(cfg: PipelineConfig, plan: TrainPlan, device: torch.device) -> TrainState:
     from vae import NVAE
 
@@ -111,9 +130,7 @@ def setup(cfg: PipelineConfig, plan: TrainPlan, device: torch.device) -> TrainSt
         model = model.to(memory_format=torch.channels_last)
     ema = None
     if t.use_ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
-        )
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(t.ema_decay), use_buffers=True)
     optimizer = torch.optim.Adamax(model.parameters(), lr=t.lr, eps=t.adamax_eps, weight_decay=t.weight_decay)
     warmup = int(round(t.warmup_epochs * plan.steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -382,13 +399,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "train/skipped_steps": state.skipped_total,
                 })
                 images_seen, t_last = 0, now
+                pictures = None
                 if end_of_epoch:
                     metrics.update(evaluate(state, _batches(val_shard, cfg, seed=0, train=False), cfg, device, world))
                     if rank == 0:
-                        metrics["_pictures"] = picture_pngs(state, x, device)
+                        pictures = picture_pngs(state, x, device)
                     t_last = time.perf_counter()
                 _report(state, metrics, cfg, rank, want_ckpt or end_of_epoch,
-                        batches_done if not end_of_epoch else 0, end_of_epoch)
+                        batches_done if not end_of_epoch else 0, end_of_epoch, pictures)
                 _heartbeat(plan, rank, state.step)
         skip_batches = 0
         state.epoch += 1
@@ -397,7 +415,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _report(state: TrainState, metrics: dict, cfg: PipelineConfig, rank: int, with_checkpoint: bool,
-            batches_into_epoch: int, end_of_epoch: bool) -> None:
+            batches_into_epoch: int, end_of_epoch: bool, pictures: dict[str, bytes] | None = None) -> None:
+    """Report metrics (all ranks, same steps) and, from rank 0, a checkpoint; the epoch's pictures travel inside
+    the checkpoint directory (reported metrics must stay JSON) and the controller logs them to MLflow."""
     import ray.train
 
     if not (with_checkpoint and rank == 0):
@@ -410,6 +430,10 @@ def _report(state: TrainState, metrics: dict, cfg: PipelineConfig, rank: int, wi
             state.epoch += 1
         save_checkpoint(state, Path(d), cfg, batches_into_epoch)
         state.epoch = epoch_saved
+        if pictures:
+            (Path(d) / PICTURES_DIR).mkdir()
+            for name, data in pictures.items():
+                (Path(d) / PICTURES_DIR / f"{name}_epoch{metrics['epoch']:03d}.png").write_bytes(data)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -443,7 +467,6 @@ def _make_reporter(run_id: str, tracking_uri: str):
             from mlflow.entities import Metric
 
             m = dict(metrics[0])
-            pictures = m.pop("_pictures", None)
             step = int(m.pop("step"))
             epoch, epochs, total = int(m.pop("epoch")), int(m.pop("epochs")), int(m.pop("total_steps"))
             now = int(time.time() * 1000)
@@ -452,18 +475,25 @@ def _make_reporter(run_id: str, tracking_uri: str):
             client = self._mlflow()
             for i in range(0, len(batch), 900):
                 client.log_batch(run_id, metrics=batch[i:i + 900])
-            if pictures:
-                with tempfile.TemporaryDirectory() as d:
-                    for name, data in pictures.items():
-                        p = Path(d) / f"{name}_epoch{epoch:03d}.png"
-                        p.write_bytes(data)
-                        client.log_artifact(run_id, str(p), artifact_path="pictures")
+            if checkpoint is not None:
+                self._log_pictures(client, checkpoint)
             if self._progress is None:
                 self._progress = Progress(STAGE, total)
             shown = {"loss": m.get("train/loss", float("nan")), "img/s": m.get("train/images_per_s", float("nan"))}
             if "val/bpd" in m:
                 shown["val_bpd"] = m["val/bpd"]
             print(self._progress.line(step, epoch, epochs, shown), flush=True)
+
+        def _log_pictures(self, client, checkpoint) -> None:
+            import pyarrow.fs
+
+            src = f"{checkpoint.path.rstrip('/')}/{PICTURES_DIR}"
+            if checkpoint.filesystem.get_file_info(src).type != pyarrow.fs.FileType.Directory:
+                return
+            with tempfile.TemporaryDirectory() as d:
+                # Copy only the pictures, never the (possibly large, remote) model state.
+                pyarrow.fs.copy_files(src, d, source_filesystem=checkpoint.filesystem)
+                client.log_artifacts(run_id, d, artifact_path=PICTURES_DIR)
 
     return MLflowReporter()
 

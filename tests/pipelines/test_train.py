@@ -38,6 +38,18 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert 1e-4 < f[-1] * 1e-2 < 2e-4
 
 
+def test_ema_warms_up_then_follows_the_configured_decay():
+    from pipelines.train_vae import ema_with_warmup
+
+    update = ema_with_warmup(0.999)
+    ema, p = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, p, torch.tensor(0))
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))  # d = 1/10 at the first update
+    ema = [torch.zeros(3)]
+    update(ema, p, torch.tensor(100000))
+    assert torch.allclose(ema[0], torch.full((3,), 0.001))  # the configured 0.999 once warmed up
+
+
 def test_plan_gives_every_rank_whole_batches_and_refuses_too_small_data():
     assert plan_steps(1437, 2, 32, 3) == (22, 66)
     with pytest.raises(ConfigError, match="train.batch_size"):
@@ -63,7 +75,7 @@ def test_two_workers_train_register_and_the_model_loads_in_a_fresh_process(ray_l
     assert any("samples_t0.7" in a for a in arts) and any("reconstructions" in a for a in arts)
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {"checkpoint/state.pt"}
     mv = client.get_model_version_by_alias("demo-nvae", "candidate")
-    assert mv.version == result.registered_version
+    assert str(mv.version) == result.registered_version
 
     script = textwrap.dedent(f"""
         import mlflow, torch

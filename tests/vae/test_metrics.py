@@ -297,3 +297,104 @@ def test_reconstruction_grid_puts_each_original_left_of_its_reconstruction():
     assert (grid[0, 22:30, 2:10] == 0).all() and (grid[0, 22:30, 12:20] == 255).all()  # pair 5 starts row 3
     with pytest.raises(ValueError, match="same shape"):
         metrics.reconstruction_grid(x, x_hat[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On the NVAE itself.
+
+
+def _digits_16() -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits as (1797, 1, 16, 16) float in [0, 1] (bilinear ×2 of value/16) and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    return x, torch.tensor(digits.target)
+
+
+def _reference_posterior_mean_decoding(model, x: Tensor) -> Tensor:
+    # NVAE's own deterministic path through the posterior means (private, used only as the reference here).
+    _, state, _ = model._posterior_path(model.encode(x), use_mean=True)
+    return model.output_distribution(model.decode(state)).mean()
+
+
+def test_latent_traversal_on_nvae_grid_and_zero_offset_is_the_reconstruction():
+    from vae.nvae import NVAE, NVAEConfig
+
+    torch.manual_seed(19)
+    model = NVAE(NVAEConfig.preset("tiny", decoder="bernoulli")).eval()
+    x = _digits_16()[0][:1]
+    grid = metrics.latent_traversal(model, x, group=1, channels=[0, 3], values=[-2.0, 0.0, 2.0])
+    assert grid.dtype == torch.uint8 and grid.shape == (1, 2 * 18 + 2, 3 * 18 + 2)
+    with torch.no_grad():
+        expected = metrics.sample_grid(_reference_posterior_mean_decoding(model, x))[:, 2:18, 2:18]
+    for row in range(2):  # the middle column (offset 0) of every row is the posterior-mean reconstruction
+        assert torch.equal(grid[:, 2 + 18 * row : 18 + 18 * row, 20:36], expected)
+    assert not torch.equal(grid[:, 2:18, 2:18], grid[:, 2:18, 20:36])  # a shifted latent changes the image
+    assert model.training is False
+    with pytest.raises(ValueError, match="groups 0..3"):
+        metrics.latent_traversal(model, x, group=4, channels=[0], values=[0.0])
+    with pytest.raises(ValueError, match="channels \\[7\\]"):
+        metrics.latent_traversal(model, x, group=0, channels=[7], values=[0.0])
+    with pytest.raises(ValueError, match="one image"):
+        metrics.latent_traversal(model, _digits_16()[0][:2], group=0, channels=[0], values=[0.0])
+
+
+def test_iw_nll_on_an_untrained_nvae_is_finite_and_bounded_by_its_nelbo():
+    from vae.nvae import NVAE, NVAEConfig
+
+    torch.manual_seed(20)
+    model = NVAE(NVAEConfig.preset("tiny", decoder="dml"))
+    x = _digits_16()[0][:8]
+    nll = metrics.importance_weighted_nll(model, x, k=20)
+    assert nll.shape == (8,) and torch.isfinite(nll).all()
+    assert model.training  # restored
+    assert nll.mean().item() < metrics.negative_elbo(model, [x])
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_nvae():
+    """The tiny preset with a Bernoulli decoder, 200 Adamax steps (batch 32, NVAE's optimiser settings) on the first
+    1500 digits; the last 297 are the test split."""
+    from vae.nvae import NVAE, NVAEConfig
+
+    x, y = _digits_16()
+    torch.manual_seed(21)
+    model = NVAE(NVAEConfig.preset("tiny", decoder="bernoulli"))
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
+    steps, g = 200, torch.Generator().manual_seed(22)
+    for step in range(steps):
+        model.set_step(step, steps)
+        loss = model(x[torch.randint(0, 1500, (32,), generator=g)]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, (x[:1500], y[:1500]), (x[1500:], y[1500:])
+
+
+@pytest.mark.slow
+def test_trained_nvae_iw_nll_below_nelbo_and_tightens_with_k(trained_tiny_nvae):
+    model, _, (x_test, _) = trained_tiny_nvae
+    batches = x_test[:128].split(64)
+    torch.manual_seed(23)
+    nelbo = metrics.negative_elbo(model, batches)
+    iw = {k: metrics.mean_importance_weighted_nll(model, batches, k=k) for k in (1, 10, 100)}
+    assert iw[1] == pytest.approx(nelbo, abs=1.0)  # both single-sample ELBO estimates
+    assert iw[100] < iw[10] < iw[1]
+    assert iw[100] < nelbo - 1.0  # the IW bound is strictly tighter, by a few nats on digits (METHODS 6.2)
+    bpd = metrics.bits_per_dim(iw[100], 16 * 16)
+    assert 0.05 < bpd < 0.5  # binarised 16×16 digits: ~40 nats per image after 200 steps
+
+
+@pytest.mark.slow
+def test_trained_nvae_latents_are_used_and_linearly_informative(trained_tiny_nvae):
+    model, (x_train, y_train), (x_test, y_test) = trained_tiny_nvae
+    count, variance = metrics.active_units(model, x_test.split(100))
+    total = sum(math.prod(shape) for shape in model.latent_shapes)
+    assert variance.shape == (total,) and 0 < count <= total
+    f_train, l_train = metrics.posterior_mean_features(model, zip(x_train.split(250), y_train.split(250)))
+    f_test, l_test = metrics.posterior_mean_features(model, [(x_test, y_test)])
+    assert f_train.shape == (1500, total)
+    assert metrics.linear_probe_accuracy(f_train, l_train, f_test, l_test) > 0.6  # chance is 0.1
