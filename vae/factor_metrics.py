@@ -148,7 +148,9 @@ def ood_auroc(scores_in: ArrayLike, scores_out: ArrayLike) -> float:
 
     s_in, s_out = _as_array("scores_in", scores_in, 1), _as_array("scores_out", scores_out, 1)
     if len(s_in) == 0 or len(s_out) == 0:
-        raise ValueError(f"ood_auroc needs scores of both sets, got {len(s_in)} in- and {len(s_out)} out-of-distribution")
+        raise ValueError(
+            f"ood_auroc needs scores of both sets, got {len(s_in)} in- and {len(s_out)} out-of-distribution scores"
+        )
     y = np.concatenate([np.zeros(len(s_in)), np.ones(len(s_out))])
     return float(roc_auc_score(y, np.concatenate([s_in, s_out])))
 

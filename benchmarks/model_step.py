@@ -1,0 +1,162 @@
+"""Training-step speed and peak memory of the NVAE presets (NVAE, Vahdat & Kautz 2020; the presets of vae/nvae.py).
+
+    .venv/bin/python benchmarks/model_step.py                 # CPU: tiny (batch 64) and cifar10 (batch 8)
+    .venv/bin/python benchmarks/model_step.py --steps 10      # more timed steps per case
+
+One step is what the trainer does per batch minus the optimiser: forward in train mode (KL warm-up and balancing
+active, spectral regularisation on as in each preset) and backward of `out.loss`. Throughput is images per second
+over the timed steps after warm-up steps.
+
+Peak memory:
+- CPU: the growth of the process's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) from just
+  before the first step to after the last one. Every case runs in a fresh subprocess, so the high-water mark of one
+  case cannot hide the next. tracemalloc is not used: it sees only Python's allocator, not tensor storage.
+- CUDA: `torch.cuda.max_memory_allocated` above what was allocated before the first step (model, optimizer-free
+  gradients excluded until the first backward), i.e. activations plus gradients. On CUDA the fp32 cases are
+  followed by bf16 autocast + channels_last at larger batches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vae.nvae import PRESETS, NVAE, NVAEConfig
+
+
+@dataclass(frozen=True)
+class Case:
+    preset: str
+    batch: int
+    device: str
+    bf16: bool = False
+    channels_last: bool = False
+
+
+CPU_CASES = (Case("tiny", 64, "cpu"), Case("cifar10", 8, "cpu"))
+CUDA_CASES = (
+    Case("tiny", 512, "cuda"),
+    Case("tiny", 512, "cuda", bf16=True, channels_last=True),
+    Case("cifar10", 32, "cuda"),  # NVAE's batch per V100
+    Case("cifar10", 32, "cuda", bf16=True, channels_last=True),
+    Case("cifar10", 128, "cuda", bf16=True, channels_last=True),
+    Case("celeba64", 16, "cuda"),  # NVAE's batch per V100
+    Case("celeba64", 64, "cuda", bf16=True, channels_last=True),
+)
+# Batch per GPU of the published runs (NVAE README), for the preset table; "tiny" is ours.
+PAPER_BATCH = {"tiny": "-", "mnist": "200", "cifar10": "32", "celeba64": "16"}
+
+
+def run_case(case: Case, warmup: int, steps: int) -> dict:
+    """Time `steps` forward+backward steps after `warmup` ones, in this process."""
+    torch.manual_seed(0)
+    cfg = NVAEConfig.preset(case.preset)
+    device = torch.device(case.device)
+    model = NVAE(cfg).to(device).train()
+    memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    x = torch.rand(case.batch, *cfg.image_shape, device=device).contiguous(memory_format=memory_format)  # (B, C, H, W)
+    model.set_step(0, 100)  # inside the KL warm-up: balancing on, as early in training
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16):
+            loss = model(x).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        measure = "cuda.max_memory_allocated"
+    else:
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        measure = "ru_maxrss delta"
+    return {
+        "preset": case.preset, "batch": case.batch, "device": case.device, "bf16": case.bf16,
+        "channels_last": case.channels_last, "images_per_s": case.batch * steps / seconds,
+        "ms_per_step": 1000 * seconds / steps, "peak_mib": peak_mib, "memory": measure,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_isolated(case: Case, warmup: int, steps: int) -> dict:
+    """`run_case` in a fresh interpreter, so its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(case.__dict__), "--warmup", str(warmup), "--steps", str(steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark case {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def preset_table(cases: list[Case]) -> str:
+    lines = ["| preset | image | groups | latent units | params (M) | paper batch/GPU | batches benchmarked |", "|---|---|---|---|---|---|---|"]
+    for name in PRESETS:
+        model = NVAE(NVAEConfig.preset(name))
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        units = sum(c * h * w for c, h, w in model.latent_shapes)
+        batches = ", ".join(f"{c.batch} ({c.device}{' bf16' if c.bf16 else ''})" for c in cases if c.preset == name) or "-"
+        shape = "×".join(map(str, model.cfg.image_shape))
+        lines.append(f"| {name} | {shape} | {model.num_groups} | {units} | {params:.2f} | {PAPER_BATCH[name]} | {batches} |")
+    return "\n".join(lines)
+
+
+def results_table(results: list[dict]) -> str:
+    lines = [
+        "| preset | device | precision | channels_last | batch | images/s | ms/step | peak MiB | memory measure | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        precision = "bf16 autocast" if r["bf16"] else "fp32"
+        lines.append(
+            f"| {r['preset']} | {r['device']} | {precision} | {r['channels_last']} | {r['batch']} | "
+            f"{r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {r['peak_mib']:.0f} | {r['memory']} | {r['threads']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case before timing")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA cases even if a GPU is present")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one case as JSON, run in this process
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.worker:
+        print(json.dumps(run_case(Case(**json.loads(args.worker)), args.warmup, args.steps)))
+        return
+    cases = list(CPU_CASES)
+    if torch.cuda.is_available() and not args.cpu_only:
+        cases += CUDA_CASES
+    print(preset_table(cases), "\n", flush=True)
+    results = []
+    for case in cases:
+        results.append(run_isolated(case, args.warmup, args.steps))
+        print(f"done: {case}", file=sys.stderr, flush=True)
+    print(results_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""vae/gwae.py: the GW estimate, the priors, the critic's penalty, shapes, the update step and, marked slow, a short
+training run on scikit-learn's digits (METHODS §5 and §6.4 claim 4)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vae.config import ConfigError
+from vae.factor_metrics import clustering_scores, ood_auroc
+from vae.gwae import (
+    PRIORS,
+    FactorizedNeuralPrior,
+    GaussianMixturePrior,
+    GWAE,
+    GWAEConfig,
+    NeuralPrior,
+    gradient_penalty,
+    gw_loss,
+    make_prior,
+    pairwise_distances,
+)
+
+IMAGE_SHAPES = [(1, 16, 16), (1, 32, 32), (3, 32, 32), (3, 64, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Seeded, and one intra-op thread for these tiny models: on the shared 2-core machine two threads spin against
+    the other engineers' jobs and a GWAE step took 6 s instead of 0.15 s. Restored afterwards."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _small(shape=(1, 16, 16), **overrides) -> GWAEConfig:
+    base = dict(z_dim=8, base_channels=8, hidden_dim=32, critic_channels=4)
+    return GWAEConfig.for_images(shape, **{**base, **overrides})
+
+
+def _digits16() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits, grey levels /16, upsampled to 16×16: (1797, 1, 16, 16) in [0, 1] and labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False).clamp(0, 1)
+    return x, torch.tensor(d.target)
+
+
+def _orthonormal(rows: int, cols: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, dtype=dtype))[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_defaults_are_the_reference_settings():
+    cfg = GWAEConfig()
+    assert (cfg.z_dim, cfg.prior, cfg.lambda_w, cfg.lambda_d, cfg.lambda_h) == (64, "np", 1.0, 1.0, 0.03)
+    assert (cfg.gp_weight, cfg.drift, cfg.critic_steps, cfg.distance_coef_init) == (10.0, 1e-4, 5, 2.5)
+    assert (cfg.lr, cfg.lr_critic) == (1e-4, 1e-4)
+    assert GWAEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(image_shape=(1, 12, 12)), "power of two"),
+        (dict(image_shape=(1, 4, 4)), "power of two >= 8"),
+        (dict(image_shape=(1, 16, 32)), "not square"),
+        (dict(prior="gmp", num_components=1), "num_components"),
+        (dict(z_dim=0), "z_dim"),
+        (dict(lambda_h=-0.1), "lambda_h"),
+    ],
+)
+def test_invalid_configs_name_the_key_and_the_fix(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        GWAEConfig(**kwargs)
+    assert "gwae." in str(err.value)
+
+
+def test_from_dict_and_for_images_suggest_the_closest_key():
+    with pytest.raises(ConfigError, match="did you mean 'gmp'"):
+        GWAEConfig.from_dict({"prior": "gm"})
+    with pytest.raises(ConfigError, match="did you mean 'z_dim'"):
+        GWAEConfig.for_images([1, 16, 16], zdim=8)
+    with pytest.raises(ConfigError, match=r"\[C, H, W\]"):
+        GWAEConfig.for_images([16, 16])
+    assert GWAEConfig.for_images([3, 32, 32], prior="fnp").image_shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The GW estimate
+
+
+def test_pairwise_distances_match_cdist_with_exact_zero_diagonal():
+    v = torch.randn(10, 3, 4, 4, dtype=torch.float64)
+    d = pairwise_distances(v)
+    assert torch.allclose(d, torch.cdist(v.flatten(1), v.flatten(1)), atol=1e-10)
+    assert (d.diagonal() == 0).all()
+    v.requires_grad_(True)
+    pairwise_distances(v).sum().backward()
+    assert torch.isfinite(v.grad).all()
+
+
+def test_gw_is_zero_for_a_scaled_isometry_and_grows_with_distortion():
+    z = torch.randn(64, 8, dtype=torch.float64)
+    q = _orthonormal(256, 8)  # an isometric embedding of the latent space into 16×16 pixel space
+    alpha = 3.0
+    decode = lambda z: (alpha * z @ q.T).view(-1, 1, 16, 16)  # noqa: E731
+    scale = z.std(dim=0).mean()
+    assert gw_loss(z, decode(z), alpha * scale).item() < 1e-10
+    assert gw_loss(z, decode(z), 2 * alpha * scale).item() > 1.0  # the wrong scale is not an isometry
+    # float32, as in training: the Gram-matrix distances stay accurate
+    assert gw_loss(z.float(), decode(z).float(), (alpha * scale).float()).item() < 1e-4 * alpha * 4
+    losses = []
+    for beta in (0.1, 0.3, 1.0):
+        distorted = decode(z + beta * torch.sin(2 * z))  # a non-isometric bend of the latent space
+        losses.append(gw_loss(z, distorted, alpha * scale).item())
+    assert 1e-3 < losses[0] < losses[1] < losses[2]
+
+
+def test_gw_is_invariant_to_an_orthogonal_rotation_of_z():
+    z = torch.randn(128, 6, dtype=torch.float64)
+    z = z - z.mean(dim=0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # whitened: every rotation keeps std = 1
+    x = torch.tanh(z @ torch.randn(6, 64, dtype=torch.float64))  # any decoder
+    rotation = _orthonormal(6, 6)
+    before = gw_loss(z, x, 2.5)
+    after = gw_loss(z @ rotation.T, x, 2.5)
+    assert before.item() > 0.1
+    assert after.item() == pytest.approx(before.item(), rel=1e-9)
+    # The L1 distance is not rotation-invariant: the estimate would move (what this test guards against).
+    l1 = lambda v: torch.cdist(v, v, p=1)  # noqa: E731
+    moved = (2.5 * l1(z @ rotation.T) - torch.cdist(x, x)).abs().mean() - (2.5 * l1(z) - torch.cdist(x, x)).abs().mean()
+    assert abs(moved.item()) > 1e-3
+
+
+def test_learned_distance_scale_finds_the_isometry_of_a_linear_orthogonal_decoder():
+    model = GWAE(_small(prior="np"))
+    alpha = 0.8  # the decoder's true scale; c starts at 2.5
+    decoder = nn.Sequential(nn.Linear(8, 256, bias=False), nn.Unflatten(1, (1, 16, 16)))
+    decoder[0].weight.data = alpha * _orthonormal(256, 8, torch.float32)
+    model.decoder = decoder
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.log_distance_coef.requires_grad_(True)
+    opt = torch.optim.Adam([model.log_distance_coef], lr=0.05)
+    x = torch.rand(64, 1, 16, 16)
+    first = None
+    for _ in range(150):
+        gw = model.losses(x)["gw"]
+        first = gw.item() if first is None else first
+        opt.zero_grad()
+        gw.backward()
+        opt.step()
+    # after the non-affine BN every prior dim has std ≈ 1 (unbiased: sqrt(64/63)), so c → α·s_z ≈ α
+    assert model.distance_coef.item() == pytest.approx(alpha * (64 / 63) ** 0.5, rel=0.03)
+    assert gw.item() < 0.03 * first
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Priors
+
+
+def test_gmp_component_counts_follow_the_mixture_weights():
+    from scipy.stats import chisquare
+
+    prior = GaussianMixturePrior(z_dim=4, num_components=5)
+    weights = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    prior.logits.data = weights.log() + 3.0  # softmax is shift-invariant
+    components = prior.draw_components(20000)
+    counts = torch.bincount(components, minlength=5).double()
+    assert chisquare(counts.numpy(), (20000 * weights).numpy()).pvalue > 1e-3
+    # a uniform hypothesis is rejected: the test can tell the weights apart
+    assert chisquare(counts.numpy()).pvalue < 1e-6
+
+
+def test_gmp_means_and_scales_get_gradients_but_logits_do_not():
+    prior = GaussianMixturePrior(z_dim=4, num_components=3).train()
+    z = prior.sample(256)
+    z.pow(4).mean().backward()  # BN makes mean and variance constant; the fourth moment is not
+    assert prior.means.grad is not None and prior.means.grad.abs().sum() > 0
+    assert prior.scales.grad is not None and prior.scales.grad.abs().sum() > 0
+    assert prior.logits.grad is None  # Gumbel-max: argmax passes no gradient to the mixture weights
+    assert torch.allclose(prior.scales.detach()[0], torch.eye(4), atol=0.1)  # A_k starts at I + 0.01·noise
+
+
+def test_gmp_assign_recovers_the_sampled_component():
+    prior = GaussianMixturePrior(z_dim=4, num_components=4)
+    prior.means.data *= 4.0  # well separated components
+    for _ in range(5):
+        prior.sample(512)  # train mode: the BN running statistics settle
+    prior.eval()
+    with torch.no_grad():
+        z, components = prior.sample_with_components(2000)
+    assert (prior.assign(z) == components).float().mean() > 0.97
+    assert clustering_scores(prior.assign(z), components)["nmi"] > 0.9
+
+
+def _jacobian(prior, eps):
+    return torch.autograd.functional.jacobian(prior, eps)  # (n, z, n, z)
+
+
+def test_fnp_is_factorised_and_np_is_not():
+    eps = torch.randn(16, 5)
+    off_diagonal = ~torch.eye(5, dtype=torch.bool)
+    j = _jacobian(FactorizedNeuralPrior(5).train(), eps).permute(1, 3, 0, 2)  # (z_out, z_in, n, n)
+    assert j[off_diagonal].abs().max() < 1e-7  # z_i depends on ε_i alone (through the whole batch: BN)
+    assert j.diagonal(dim1=0, dim2=1).abs().amax(dim=(0, 1)).min() > 1e-3
+    j_np = _jacobian(NeuralPrior(5).train(), eps).permute(1, 3, 0, 2)
+    assert j_np[off_diagonal].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["np", "fnp", "gmp"])
+def test_learned_priors_are_standardised(kind):
+    prior = make_prior(_small(prior=kind, num_components=4)).train()
+    if kind != "gmp":
+        # Freshly initialised, the 4-layer samplers output a raw variance v ~ 1e-4..1e-3 per dim, and BN's eps (1e-5)
+        # leaves var(z) = v/(v + eps) < 1 (0.64 for one FNP dim). Scale the last layer as training would, so the test
+        # checks the standardisation itself.
+        prior.net[-1].weight.data *= 30.0
+    z = prior.sample(1000).detach()
+    assert z.mean(dim=0).abs().max() < 1e-4
+    assert torch.allclose(z.var(dim=0, unbiased=False), torch.ones(8), atol=2e-3)
+    # Momentum 0.5 averages over ~3 batches: the initial statistics weigh 2^-20 afterwards, and batches of 1024 keep
+    # the running mean's noise near 0.02 (with batches of 64 it is ~0.07 per dim).
+    for _ in range(20):
+        prior.sample(1024)
+    prior.eval()
+    with torch.no_grad():
+        z = prior.sample(4000)
+    assert z.mean(dim=0).abs().max() < 0.1
+    assert (z.std(dim=0) - 1).abs().max() < 0.1
+    with pytest.raises(ValueError, match="n >= 2"):
+        prior.train().sample(1)
+
+
+def test_gaussian_prior_is_standard_normal_and_follows_dtype():
+    prior = make_prior(_small(prior="gaussian")).double()
+    z = prior.sample(4000)
+    assert z.dtype == torch.float64
+    assert z.mean(dim=0).abs().max() < 0.1 and (z.std(dim=0) - 1).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Critic
+
+
+class _LinearCritic(nn.Module):
+    """f(x, z) = <w_x, x> + <w_z, z>: ∇f = (w_x, w_z) everywhere."""
+
+    def __init__(self, norm: float) -> None:
+        super().__init__()
+        w = torch.randn(16 + 3, dtype=torch.float64)
+        w = norm * w / w.norm()
+        self.w_x, self.w_z = w[:16].view(1, 1, 4, 4), w[16:]
+
+    def forward(self, x, z):
+        return (x * self.w_x).flatten(1).sum(1) + z @ self.w_z
+
+
+@pytest.mark.parametrize("norm, expected", [(1.0, 0.0), (3.0, 4.0), (0.5, 0.25)])
+def test_gradient_penalty_is_zero_for_a_unit_norm_linear_critic(norm, expected):
+    x_inf, x_gen = torch.rand(32, 1, 4, 4, dtype=torch.float64), torch.rand(32, 1, 4, 4, dtype=torch.float64)
+    z_inf, z_gen = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64)
+    gp = gradient_penalty(_LinearCritic(norm), x_inf, z_inf, x_gen, z_gen)
+    assert gp.item() == pytest.approx(expected, abs=1e-9)  # (‖∇f‖ − 1)² with ‖∇f‖ = norm
+
+
+def test_critic_learns_to_separate_the_joints():
+    model = GWAE(_small(lr_critic=1e-3))
+    opt = torch.optim.RMSprop(model.critic.parameters(), lr=1e-3)
+    x = _digits16()[0][:64]
+    gaps = []
+    for _ in range(30):
+        terms = model.critic_loss(x)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        gaps.append(terms["w1"].item())
+    assert sum(gaps[-5:]) / 5 > sum(gaps[:5]) / 5 + 0.2  # E_gen f − E_inf f rises: the W1 estimate
+    assert terms["gp"].item() < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model: shapes, update step, failure handling, serialisation
+
+
+@pytest.mark.parametrize("shape", IMAGE_SHAPES)
+@pytest.mark.parametrize("prior", PRIORS)
+def test_shapes_for_every_image_size_and_prior(shape, prior):
+    model = GWAE(_small(shape, prior=prior, num_components=3, critic_steps=1))
+    x = torch.rand(4, *shape)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (4, 8)
+    terms = model.losses(x)
+    assert set(terms) == {"loss", "gw", "w", "d", "h"}
+    assert all(t.dim() == 0 and torch.isfinite(t) for t in terms.values())
+    assert set(model.critic_loss(x)) == {"loss", "w1", "gp", "drift"}
+    metrics = model.train_step(x, *model.make_optimizers())
+    assert metrics["skipped"] == 0.0 and all(isinstance(v, float) for v in metrics.values())
+    model.eval()
+    samples = model.sample(3)
+    assert samples.shape == (3, *shape) and samples.min() >= 0 and samples.max() <= 1
+    assert model.reconstruct(x).shape == x.shape
+    assert model.ood_score(x).shape == (4,)
+
+
+def test_wrong_image_shape_is_refused_with_the_fix():
+    model = GWAE(_small())
+    with pytest.raises(ValueError, match="for_images"):
+        model.encode(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=">= 2 images"):
+        model.losses(torch.rand(1, 1, 16, 16))
+
+
+def test_loss_terms_match_their_definitions():
+    cfg = _small(prior="gaussian", lambda_w=0.5, lambda_d=2.0, lambda_h=0.1)
+    model = GWAE(cfg).eval()  # eval: spectral norm's power iteration must not move between the two evaluations
+    x = torch.rand(8, 1, 16, 16)
+    torch.manual_seed(1)
+    terms = model.losses(x)
+    torch.manual_seed(1)  # the same draws: ε of q, then the prior's ε
+    mu, logvar = model.encode(x)
+    z_q = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+    z_s = torch.randn(8, 8)
+    w = 0.5 * ((x - model.decode(z_q)) ** 2).sum(dim=(1, 2, 3)).mean()
+    d = model.critic(model.decode(z_s), z_s).mean() - model.critic(x, z_q).mean()
+    h = -logvar.sum(dim=1).mean()
+    gw = gw_loss(z_s, model.decode(z_s), 2.5)
+    for got, want in ((terms["w"], w), (terms["d"], d), (terms["h"], h), (terms["gw"], gw)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
+    total = gw + 0.5 * w + 2.0 * d + 0.1 * h
+    assert terms["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_optimizers_split_the_parameters_and_train_step_runs_the_critic_steps():
+    model = GWAE(_small(critic_steps=3))
+    opt_model, opt_critic = model.make_optimizers()
+    assert isinstance(opt_model, torch.optim.RMSprop) and isinstance(opt_critic, torch.optim.RMSprop)
+    assert opt_model.defaults["lr"] == opt_critic.defaults["lr"] == 1e-4
+    in_model = {id(p) for g in opt_model.param_groups for p in g["params"]}
+    in_critic = {id(p) for g in opt_critic.param_groups for p in g["params"]}
+    assert not in_model & in_critic
+    assert in_model | in_critic == {id(p) for p in model.parameters()}
+    assert id(model.log_distance_coef) in in_model
+    calls = []
+    critic_loss = model.critic_loss
+    model.critic_loss = lambda x: calls.append(1) or critic_loss(x)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = model.train_step(_digits16()[0][:32], opt_model, opt_critic)
+    assert len(calls) == 3
+    moved = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert {"critic", "encoder", "decoder", "prior", "log_distance_coef"} <= moved
+    assert metrics["distance_coef"] != 2.5
+    assert {"loss", "gw", "w", "d", "h", "critic_loss", "critic_w1", "critic_gp", "distance_coef"} <= set(metrics)
+
+
+def test_non_finite_steps_are_skipped_then_raise_after_the_cap():
+    model = GWAE(_small(critic_steps=2, max_consecutive_skips=2))
+    opts = model.make_optimizers()
+    good = torch.rand(8, 1, 16, 16)
+    bad = good.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = model.train_step(bad, *opts)
+    assert metrics["skipped"] == 1.0 and metrics["critic_skipped"] == 2.0
+    assert all(torch.equal(params[n], p) for n, p in model.named_parameters())  # nothing moved
+    assert model.train_step(good, *opts)["skipped"] == 0.0  # a good step resets the count
+    model.train_step(bad, *opts)
+    model.train_step(bad, *opts)
+    with pytest.raises(RuntimeError, match="non-finite.*max_consecutive_skips"):
+        model.train_step(bad, *opts)
+
+
+def test_logvar_bound_keeps_a_runaway_encoder_finite():
+    bounded, free = GWAE(_small()), GWAE(_small(logvar_bound=None))
+    free.load_state_dict(bounded.state_dict())
+    x = torch.rand(8, 1, 16, 16)
+    for model in (bounded, free):
+        model.encoder.logvar.bias.data.fill_(1e3)  # σ² = e^1000: what an unchecked entropy bonus drifts to
+    logvar = bounded.encode(x)[1]
+    assert logvar.max() <= 10 and logvar.min() > 9.9
+    assert torch.isfinite(bounded.losses(x)["loss"])
+    assert not torch.isfinite(free.losses(x)["loss"])
+
+
+def test_pickles_and_deep_copies_despite_spectral_norm():
+    model = GWAE(_small(prior="gmp", num_components=3))
+    model.train_step(torch.rand(8, 1, 16, 16), *model.make_optimizers())
+    model.eval()
+    x = torch.rand(4, 1, 16, 16)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(loaded, GWAE) and loaded.config == model.config and not loaded.training
+    assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+    assert torch.equal(loaded.ood_score(x), model.ood_score(x))
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone.ood_score(x), model.ood_score(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training on digits (METHODS §6.4 claim 4)
+
+
+@pytest.mark.slow
+def test_training_on_digits_lowers_gw_and_reconstruction_clusters_and_detects_noise():
+    """GMP (K = 10), z = 8, small convs at 16×16, the reference optimiser settings (RMSprop 1e-4, 5 critic steps),
+    200 steps of 64 on digits 0–4. Measured (1 thread, ~47 s): GW 9.55 → 8.63, reconstruction SSE 35.8 → 24.3,
+    c 2.5 → 2.42, NMI 0.24 (chance ≈ 0.05), AUROC against uniform noise 1.0 (0.53 against digits 5–9).
+    At this learning rate the noise AUROC stayed 1.0 up to 550 steps; see GWAE.ood_score for where it does not."""
+    images, labels = _digits16()
+    x, y = images[labels < 5], labels[labels < 5]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = order[:700], order[700:]
+    cfg = GWAEConfig.for_images(
+        (1, 16, 16), z_dim=8, prior="gmp", num_components=10, base_channels=16, hidden_dim=64, critic_channels=8
+    )
+    model = GWAE(cfg)
+    opts = model.make_optimizers()
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            z = model.prior.sample(256)
+            gw = gw_loss(z, model.decode(z), model.distance_coef).item()
+            sse = (model.reconstruct(x[test]) - x[test]).pow(2).flatten(1).sum(1).mean().item()
+        model.train()
+        return gw, sse
+
+    gw_start, sse_start = evaluate()
+    torch.manual_seed(0)
+    for _ in range(200):
+        batch = x[train][torch.randint(0, len(train), (64,))]
+        metrics = model.train_step(batch, *opts)
+        assert metrics["skipped"] == 0.0
+    gw_end, sse_end = evaluate()
+    assert gw_end < 0.95 * gw_start
+    assert sse_end < 0.8 * sse_start
+    assert model.distance_coef.item() < 2.5  # the learned scale moved
+
+    model.eval()
+    mu = model.encode(x[test])[0]
+    assert clustering_scores(model.prior.assign(mu), y[test])["nmi"] > 0.15  # chance is ≈ 0.03
+    noise = torch.rand(len(test), 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert ood_auroc(model.ood_score(x[test]), model.ood_score(noise)) > 0.9

@@ -1,0 +1,432 @@
+"""NVAE (vae/nvae.py, vae/layers.py): shapes of every preset and decoder, config errors, the KL against its Monte
+Carlo definition, the warm-up schedules, sampling, BN re-adjustment with its NaN guard, CR-NVAE, the flow cells'
+unit Jacobian, and a real short training run on scikit-learn's digits."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vae import NVAE, NVAEConfig, NVAEOutput
+from vae.config import ConfigError
+from vae.layers import BN_MOMENTUM, Conv2d, PairedFlow, ShiftFlowCell
+
+DECODERS = ("dml", "bernoulli", "gaussian_optimal", "gaussian_learned", "gaussian_fixed")
+
+
+def digits16(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8×8 digits in [0, 1], upsampled to 16×16, split 1500 train / 297 validation."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    return x[perm[:1500]], x[perm[1500:]]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    return digits16()
+
+
+def tiny(**overrides) -> NVAE:
+    torch.manual_seed(0)
+    return NVAE(NVAEConfig.preset("tiny", **overrides))
+
+
+def assert_output(model: NVAE, out: NVAEOutput, batch: int) -> None:
+    L = model.num_groups
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    for name in ("nelbo", "recon", "log_px_z", "log_pz", "log_qz"):
+        value = getattr(out, name)
+        assert value.shape == (batch,), name
+        assert torch.isfinite(value).all(), name
+    assert out.kl_per_group.shape == (batch, L) and torch.isfinite(out.kl_per_group).all()
+    torch.testing.assert_close(out.nelbo, out.recon + out.kl_per_group.sum(1))
+    torch.testing.assert_close(out.recon, -out.log_px_z)
+    assert out.stats["gammas"].shape == (L,)
+    assert out.dist.mean().shape == (batch, *model.cfg.image_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets, decoders, config errors
+
+
+@pytest.mark.parametrize(
+    "name, groups_per_scale",
+    [
+        ("tiny", [2, 2]),
+        pytest.param("mnist", [5, 10], marks=pytest.mark.slow),
+        pytest.param("cifar10", [30], marks=pytest.mark.slow),
+        pytest.param("celeba64", [5, 10, 20], marks=pytest.mark.slow),
+    ],
+)
+def test_preset_shapes_and_finiteness(name, groups_per_scale):
+    torch.manual_seed(0)
+    cfg = NVAEConfig.preset(name)
+    model = NVAE(cfg)
+    c, h, w = cfg.image_shape
+    assert model.groups_per_scale == groups_per_scale  # ada_groups halves toward the coarse scales
+    assert model.num_groups == sum(groups_per_scale) == len(model.latent_shapes)
+    down = 2**cfg.num_downsamplings
+    assert model.latent_shapes[0] == (cfg.num_latent_per_group, h // down, w // down)
+    assert model.latent_shapes[-1] == (cfg.num_latent_per_group, h // 2**cfg.num_preprocess_blocks,
+                                       w // 2**cfg.num_preprocess_blocks)
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {model.num_groups} groups")
+    x = torch.rand(2, c, h, w)
+    with torch.no_grad():
+        out = model(x)
+        assert_output(model, out, 2)
+        assert out.stats["sr_loss"] > 0 and out.stats["bn_loss"] > 0
+        model.eval()
+        samples = model.sample(2)
+    assert samples.shape == (2, c, h, w) and samples.min() >= 0 and samples.max() <= 1
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoder_kinds_train_step(decoder):
+    model = tiny(decoder=decoder, num_nf=1)
+    x = torch.rand(8, 1, 16, 16)
+    out = model(x)
+    assert_output(model, out, 8)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), "every parameter gets a finite gradient"
+    if decoder.startswith("gaussian"):
+        sigma = out.stats["sigma"]
+        torch.testing.assert_close(out.stats["equivalent_beta"], 2 * sigma**2)
+        if decoder == "gaussian_fixed":
+            torch.testing.assert_close(sigma, torch.tensor(1.0))
+    model.eval()
+    for mode in ("sample", "mean"):
+        recon = model.reconstruct(x[:3], mode=mode)
+        assert recon.shape == (3, 1, 16, 16) and recon.min() >= 0 and recon.max() <= 1
+
+
+def test_image_sizes_the_hierarchy_cannot_divide_are_refused():
+    with pytest.raises(ConfigError, match=r"nvae\.image_shape.*multiple of 4, e\.g\. 28 or 32"):
+        NVAEConfig.preset("tiny", image_shape=(1, 30, 30))
+    with pytest.raises(ConfigError, match=r"width 28.*multiple of 8, e\.g\. 24 or 32"):
+        NVAEConfig.preset("mnist", image_shape=(1, 32, 28))
+    assert NVAEConfig.preset("tiny", image_shape=(3, 32, 16)).image_shape == (3, 32, 16)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(num_postprocess_blocks=2), "num_postprocess_blocks"),
+        (dict(crop=8), r"nvae\.crop"),
+        (dict(image_shape=(5, 16, 16)), r"nvae\.decoder.*gaussian"),
+        (dict(ada_groups=True, min_groups_per_scale=3), "min_groups_per_scale"),
+        (dict(kl_anneal_portion=0.9, kl_const_portion=0.2), "warm-up"),
+        (dict(lambda_sr=0.0, sr_anneal=True), "sr_anneal"),
+        (dict(cr_transform="rotate"), r"nvae\.cr_transform"),
+        (dict(decoder="gauss"), r"nvae\.decoder"),
+    ],
+)
+def test_bad_combinations_name_the_field(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        NVAEConfig.preset("tiny", **overrides)
+
+
+def test_preset_lookup_and_round_trip():
+    with pytest.raises(ConfigError, match="choose one of tiny, mnist, cifar10, celeba64"):
+        NVAEConfig.preset("huge")
+    with pytest.raises(ConfigError, match="num_latent_per_grup"):
+        NVAEConfig.preset("tiny", num_latent_per_grup=8)
+    for name in ("tiny", "mnist", "cifar10", "celeba64"):
+        cfg = NVAEConfig.preset(name)
+        assert NVAEConfig.from_dict(cfg.to_dict()) == cfg
+    mnist = NVAEConfig.preset("mnist")
+    assert (mnist.decoder, mnist.crop, mnist.num_channels_enc, mnist.num_groups_per_scale, mnist.num_nf) == (
+        "bernoulli", 2, 32, 10, 0)
+
+
+def test_bad_input_is_refused_with_the_fix():
+    model = tiny()
+    with pytest.raises(TypeError, match="float"):
+        model(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="image_shape"):
+        model(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model(torch.rand(2, 1, 16, 16) * 2 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+def test_weight_norm_conv_starts_at_its_raw_weight_and_has_the_learned_norm():
+    torch.manual_seed(0)
+    conv = Conv2d(3, 5, 3, padding=1)
+    torch.testing.assert_close(conv.effective_weight(), conv.weight, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        conv.log_weight_norm.fill_(math.log(2.0))
+    norms = conv.effective_weight().flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full((5,), 2.0), rtol=1e-4, atol=1e-4)
+    model = tiny(num_nf=1)
+    convs = [m for m in model.modules() if isinstance(m, Conv2d)]
+    assert [w.shape for w in model.sr_weights()] == [m.weight.shape for m in convs]
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_shift_flow_cell_is_autoregressive_with_unit_jacobian(mirror):
+    torch.manual_seed(0)
+    c, h, w = 2, 3, 3
+    cell = ShiftFlowCell(c, mirror=mirror)
+    z = torch.randn(1, c, h, w)
+    jac = torch.autograd.functional.jacobian(lambda v: cell(v), z).reshape(c * h * w, c * h * w)
+    position = torch.arange(h * w).repeat(c)  # flat index (channel, row, col) -> raster position
+    later = position[:, None] < position[None, :]  # output position before input position
+    earlier = position[:, None] > position[None, :]
+    off_block = jac - torch.eye(c * h * w)
+    same = position[:, None] == position[None, :]
+    assert off_block[same].abs().max() == 0, "an output never depends on its own position except through z itself"
+    assert off_block[later if not mirror else earlier].abs().max() == 0, "outputs see only one side of the order"
+    assert off_block[earlier if not mirror else later].abs().max() > 1e-3, "the shift is not trivially zero"
+    assert torch.linalg.slogdet(jac).logabsdet.abs() < 1e-5
+    paired = PairedFlow(c)
+    jac2 = torch.autograd.functional.jacobian(lambda v: paired(v), z).reshape(c * h * w, c * h * w)
+    assert torch.linalg.slogdet(jac2).logabsdet.abs() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probabilistic model
+
+
+def test_top_prior_is_standard_normal_and_posteriors_are_residual_on_the_prior():
+    model = tiny()
+    model.eval()
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        steps = model.encode_path(x)
+        feats = model.encode(x)
+    assert len(steps) == model.num_groups
+    top = steps[0].prior
+    torch.testing.assert_close(top.sigma, torch.ones_like(top.sigma))
+    assert top.mu.abs().max() == 0
+    for k, (step, shape) in enumerate(zip(steps, model.latent_shapes)):
+        assert step.z.shape == step.eps.shape == (4, *shape)
+        assert step.log_q.shape == (4,)
+        # the per-group hooks rebuild the same prior and the posterior as prior + (Δμ, Δ log σ) of the heads
+        with torch.no_grad():
+            prior = model.group_prior(k, step.context)
+            h = feats[k] if k == 0 else feats[k] + model.post_context[k - 1](step.context)
+            delta_mu, delta_log_sigma = model.post_heads[k](h).chunk(2, dim=1)
+        torch.testing.assert_close(prior.mu, step.prior.mu)
+        torch.testing.assert_close(step.posterior.mu_raw - step.prior.mu_raw, delta_mu)
+        torch.testing.assert_close(step.posterior.log_sigma_raw - step.prior.log_sigma_raw, delta_log_sigma)
+
+
+def test_kl_per_group_matches_log_q_minus_log_p_by_monte_carlo(digits):
+    """E_q[log q(z_l|z_<l,x) − log p(z_l|z_<l)] = KL_l: the analytic per-group KL against single-sample values."""
+    model = tiny()
+    model.eval()
+    x = digits[1][:1].repeat(2000, 1, 1, 1)
+    with torch.no_grad():
+        steps = model.encode_path(x)
+        out = model(x)
+    for k, step in enumerate(steps):
+        analytic = step.posterior.kl(step.prior).flatten(1).sum(1)
+        single = step.log_q - step.prior.log_prob(step.z).flatten(1).sum(1)
+        diff = single - analytic
+        assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(len(diff)), f"group {k}"
+        assert analytic.mean() > 0.1
+    diff = (out.log_qz - out.log_pz) - out.kl_per_group.sum(1)
+    assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(len(diff))
+    # loosely, in the units a reader checks: the totals agree within a few percent
+    assert abs(diff.mean()) < 0.05 * out.kl_per_group.sum(1).mean()
+
+
+def test_set_step_drives_beta_and_the_eval_loss_uses_beta_one():
+    model = tiny(sr_anneal=True)
+    x = torch.rand(16, 1, 16, 16)
+    model.set_step(0, 1000)
+    out = model(x)
+    assert out.stats["beta"].item() == pytest.approx(1e-4)
+    assert out.stats["lambda_sr"].item() == pytest.approx(10.0, rel=1e-2)  # log-annealed from lambda_sr_init
+    model.set_step(150, 1000)
+    out = model(x)
+    beta = (150 - 0.1) / 300
+    assert out.stats["beta"].item() == pytest.approx(beta, rel=1e-5)
+    gammas = out.stats["gammas"]
+    assert gammas.mean().item() == pytest.approx(1.0, rel=1e-5) and gammas.std() > 0  # balancing while β < 1
+    expected = (out.recon + beta * (out.kl_per_group * gammas).sum(1)).mean()
+    expected = expected + out.stats["lambda_sr"] * (out.stats["sr_loss"] + out.stats["bn_loss"])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-3)
+
+    # the schedule is state: it survives a checkpoint round trip
+    restored = tiny(sr_anneal=True)
+    restored.load_state_dict(model.state_dict())
+    assert restored.kl_beta.item() == pytest.approx(beta, rel=1e-5)
+
+    model.set_step(1000, 1000)
+    assert model(x).stats["lambda_sr"].item() == pytest.approx(1e-2)
+    model.eval()
+    model.set_step(150, 1000)
+    out = model(x)
+    assert out.stats["beta"].item() == 1.0 and "sr_loss" not in out.stats
+    torch.testing.assert_close(out.loss, out.nelbo.mean())
+    torch.testing.assert_close(out.stats["gammas"], torch.ones(model.num_groups))
+
+
+def test_log_weights_is_log_px_z_plus_log_pz_minus_log_qz():
+    model = tiny()
+    model.eval()
+    x = torch.rand(4, 1, 16, 16)
+    torch.manual_seed(1)
+    lw = model.log_weights(x)
+    torch.manual_seed(1)
+    out = model(x)
+    torch.testing.assert_close(lw, out.log_px_z + out.log_pz - out.log_qz)
+
+
+def test_sampling_temperature_and_range():
+    model = tiny()
+    model.eval()
+    torch.manual_seed(0)
+    cold = model.sample(6, temperature=0.0, mode="mean")
+    torch.manual_seed(1)
+    assert torch.equal(model.sample(6, temperature=0.0, mode="mean"), cold), "t = 0 decodes the prior means"
+    warm = model.sample(6, temperature=1.0, mode="mean")
+    assert (warm - cold).abs().max() > 1e-3
+    drawn = model.sample(6, temperature=1.0)
+    for s in (cold, warm, drawn):
+        assert s.shape == (6, 1, 16, 16) and s.min() >= 0 and s.max() <= 1
+    with pytest.raises(ValueError, match="mode"):
+        model.sample(2, mode="median")
+
+
+def test_decode_from_eps_is_differentiable_in_eps():
+    model = tiny()
+    model.eval()
+    eps = [e.requires_grad_() for e in model.standard_eps(3)]
+    dist, steps = model.decode_from_eps(eps, temperature=0.7)
+    dist.mean().sum().backward()
+    assert all(e.grad is not None and e.grad.abs().sum() > 0 for e in eps)
+    torch.testing.assert_close(steps[0].z, 0.7 * eps[0].detach())  # the top prior is N(0, I)
+    assert [s.context.shape[0] for s in steps] == [3] * model.num_groups
+
+
+def test_posterior_means_are_deterministic():
+    model = tiny()
+    model.eval()
+    x = torch.rand(3, 1, 16, 16)
+    first, second = model.posterior_means(x), model.posterior_means(x)
+    assert [m.shape[1:] for m in first] == model.latent_shapes
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BN re-adjustment
+
+
+def _decoder_bns(model: NVAE) -> list[torch.nn.BatchNorm2d]:
+    return [m for part in (model.dec_groups, model.dec_up, model.postprocess) for m in part.modules()
+            if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_readjust_bn_averages_sampled_batches_and_skips_non_finite_ones():
+    model = tiny()
+    encoder_bn = next(m for m in model.enc_groups.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    encoder_before = encoder_bn.running_mean.clone()
+    first_bn = model.dec_groups[0][0].branch[0]  # the first BN the sampled batches reach
+    seen, calls = [], []
+
+    def record(module, inputs):
+        seen.append(inputs[0].mean(dim=(0, 2, 3)).detach())
+
+    def poison_second_call(module, inputs, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 2 else output
+
+    h1 = first_bn.register_forward_pre_hook(record)
+    h2 = model.dec_groups[0].register_forward_hook(poison_second_call)
+    skipped = model.readjust_bn(num_batches=4, batch_size=8, temperature=0.8)
+    h1.remove(), h2.remove()
+
+    assert skipped == 1
+    assert not model.training
+    kept = torch.stack([seen[i] for i in (0, 2, 3)])
+    torch.testing.assert_close(first_bn.running_mean, kept.mean(0), rtol=1e-4, atol=1e-5)  # exact average
+    assert first_bn.num_batches_tracked.item() == 3
+    for bn in _decoder_bns(model):
+        assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+        assert bn.momentum == BN_MOMENTUM
+    assert torch.equal(encoder_bn.running_mean, encoder_before), "sampling never reaches the encoder"
+    assert torch.isfinite(model.sample(4)).all()
+
+
+def test_readjust_bn_refuses_when_every_batch_is_non_finite():
+    model = tiny()
+    before = [bn.running_mean.clone() for bn in _decoder_bns(model)]
+    model.dec_groups[0].register_forward_hook(lambda m, i, o: o * float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        model.readjust_bn(num_batches=2, batch_size=4)
+    assert all(torch.equal(bn.running_mean, b) for bn, b in zip(_decoder_bns(model), before))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CR-NVAE
+
+
+def test_consistency_kl_is_zero_for_the_identity_and_positive_for_affine_maps(digits):
+    x = digits[0][:16]
+    same = tiny(cr_lambda=1.0, cr_transform="identity")(x)
+    assert same.stats["cr_kl"].abs() < 1e-5
+    model = tiny(cr_lambda=1.0, cr_transform="simple")
+    out = model(x)
+    assert out.stats["cr_kl"] > 0.1
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    assert "cr_kl" not in model(x).stats, "CR is a training objective only"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serialisation and training
+
+
+def test_pickle_round_trip_samples_the_same():
+    model = tiny(num_nf=1)
+    model.eval()
+    clone = pickle.loads(pickle.dumps(model))
+    torch.manual_seed(3)
+    a = model.sample(2, mode="mean")
+    torch.manual_seed(3)
+    assert torch.equal(a, clone.sample(2, mode="mean"))
+
+
+@pytest.mark.slow
+def test_short_training_on_digits_lowers_validation_bits_per_dim(digits):
+    train, val = digits
+    model = tiny()
+    steps, warmup, batch = 200, 20, 64
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    dims_ln2 = math.prod(model.cfg.image_shape) * math.log(2)
+
+    def val_bpd() -> float:
+        model.eval()
+        with torch.no_grad():
+            bpd = model(val).nelbo.mean().item() / dims_ln2
+        model.train()
+        return bpd
+
+    before = val_bpd()
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        model.set_step(step, steps)
+        out = model(train[torch.randint(0, len(train), (batch,), generator=g)])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 200.0)
+        opt.step()
+        sched.step()
+        assert torch.isfinite(out.loss), f"step {step}"
+    after = val_bpd()
+    print(f"validation bits/dim: {before:.3f} at init -> {after:.3f} after {steps} steps")
+    assert after < 0.6 * before
