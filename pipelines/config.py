@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 
 from vae.config import Config, ConfigError, in_range, non_negative, positive
+from vae.gwae import GWAEConfig
 from vae.nvae import NVAEConfig
 
 SOURCES = ("digits", "shapes", "mnist", "cifar10", "celeba64", "folder")
@@ -105,6 +106,39 @@ class TrainConfig(Config):
             raise ConfigError(f"train.lr_min: {self.lr_min} is above train.lr={self.lr}; the cosine decay goes down to lr_min")
 
 
+def _shapes_data() -> "DataConfig":
+    return DataConfig(path="runs/data/shapes32", source="shapes", image_size=32, num_examples=6000, rgb=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig(Config):
+    _prefix: ClassVar[str] = "tune."
+    # The data the GWAE search trains on (shapes: ground-truth factors for DCI).
+    data: DataConfig = dataclasses.field(default_factory=_shapes_data)
+    # A search-space YAML: a path, or the name of a file shipped in tune_spaces/ (e.g. gwae_weights).
+    space: str = "gwae_weights"
+    num_samples: int = dataclasses.field(default=8, metadata=positive())
+    max_concurrent_trials: int = dataclasses.field(default=2, metadata=positive())
+    # Training budget per trial (ASHA's max_t, in epochs) and its early-stopping schedule.
+    epochs: int = dataclasses.field(default=10, metadata=positive())
+    steps_per_epoch: Optional[int] = dataclasses.field(default=None, metadata=positive())
+    batch_size: int = dataclasses.field(default=64, metadata=positive())
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = dataclasses.field(default=2, metadata=positive())
+    reduction_factor: int = dataclasses.field(default=2, metadata=in_range(2, None))
+    search: Literal["optuna", "random"] = "optuna"
+    # What the search optimises: a reported metric name (e.g. dci, auroc, psnr) or "objective", the weighted sum
+    # Σ objective_weights[m]·m of reported metrics.
+    metric: str = "objective"
+    mode: Literal["max", "min"] = "max"
+    objective_weights: dict = dataclasses.field(default_factory=lambda: {"dci": 1.0, "psnr": 0.01})
+    cpus_per_trial: float = dataclasses.field(default=1.0, metadata=positive())
+    gpus_per_trial: float = dataclasses.field(default=0.0, metadata=non_negative())
+    seed: int = 0
+    # Ray Tune storage; None means <tracking.workdir>/ray.
+    storage_path: Optional[str] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig(Config):
     _prefix: ClassVar[str] = ""
@@ -114,6 +148,8 @@ class PipelineConfig(Config):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     nvae: NVAEConfig = dataclasses.field(default_factory=NVAEConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    gwae: GWAEConfig = dataclasses.field(default_factory=lambda: GWAEConfig(image_shape=(3, 32, 32)))
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     STAGES: ClassVar[tuple[str, ...]] = ("train", "ncp", "tune")

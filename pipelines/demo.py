@@ -12,17 +12,12 @@ from pathlib import Path
 from pipelines.config import DataConfig, PipelineConfig, load_config
 
 
-def demo_datasets(data: DataConfig) -> list[DataConfig]:
-    """The configured data set plus the shapes set the tune stage searches on."""
-    shapes = DataConfig(
-        source="shapes",
-        path=str(Path(data.path).parent / "shapes32"),
-        image_size=32,
-        num_examples=6000,
-        rgb=True,
-        seed=data.seed,
-    )
-    return [data] if data.source == "shapes" else [data, shapes]
+def demo_datasets(cfg: PipelineConfig) -> list[DataConfig]:
+    """The NVAE stages' data set and the tune stage's (digits and shapes in the demo)."""
+    out = [cfg.data]
+    if cfg.tune.data.path != cfg.data.path:
+        out.append(cfg.tune.data)
+    return out
 
 
 def _open_hint(cfg: PipelineConfig, tracking_uri: str) -> str:
@@ -41,7 +36,7 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     print(f"vaepipe demo: config {config_path} (name={cfg.name}, stages={', '.join(cfg.stages)})", flush=True)
-    for data in demo_datasets(cfg.data):
+    for data in demo_datasets(cfg):
         t = time.perf_counter()
         manifest = ensure_dataset(data)
         splits = ", ".join(f"{k} {v}" for k, v in manifest.splits.items())
@@ -68,7 +63,7 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
     for r in results:
         print("  " + r.summary())
     print("\nWhere the results are:")
-    for data in demo_datasets(cfg.data):
+    for data in demo_datasets(cfg):
         print(f"  data      {Path(data.path).resolve()}   (vaepipe data inspect {data.path})")
     print(f"  tracking  {tracker.tracking_uri}")
     print(f"  models    " + ", ".join(r.model_uri for r in results if r.model_uri))

@@ -182,8 +182,12 @@ class Config:
         try:
             return cls(**kwargs)
         except ConfigError as e:
-            if prefix and not str(e).startswith(prefix):
-                raise ConfigError(f"{prefix}{e}") from None
+            # A part nested elsewhere (e.g. a DataConfig under tune.data) reports its keys under its real path.
+            msg = str(e)
+            if prefix and not msg.startswith(prefix):
+                own = cls._prefix
+                msg = prefix + (msg[len(own):] if own and msg.startswith(own) else msg)
+                raise ConfigError(msg) from None
             raise
 
     def to_dict(self) -> dict[str, Any]:
