@@ -11,9 +11,10 @@ Peak memory:
 - CPU: the growth of the process's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) from just
   before the first step to after the last one. Every case runs in a fresh subprocess, so the high-water mark of one
   case cannot hide the next. tracemalloc is not used: it sees only Python's allocator, not tensor storage.
-- CUDA: `torch.cuda.max_memory_allocated` above what was allocated before the first step (model, optimizer-free
-  gradients excluded until the first backward), i.e. activations plus gradients. On CUDA the fp32 cases are
-  followed by bf16 autocast + channels_last at larger batches.
+- CUDA: `torch.cuda.max_memory_allocated` minus what was allocated before the first step (the weights and the
+  batch): activations, gradients and workspace. On CUDA the fp32 cases are followed by bf16 autocast +
+  channels_last at larger batches.
+Both deltas are printed with the absolute peak (the whole process's RSS on CPU, all allocations on CUDA).
 """
 from __future__ import annotations
 
@@ -87,22 +88,26 @@ def run_case(case: Case, warmup: int, steps: int) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     if device.type == "cuda":
-        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        total_mib = torch.cuda.max_memory_allocated() / 2**20
+        peak_mib = total_mib - base / 2**20
         measure = "cuda.max_memory_allocated"
     else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        total_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mib = total_mib - base / 1024
         measure = "ru_maxrss delta"
     return {
         "preset": case.preset, "batch": case.batch, "device": case.device, "bf16": case.bf16,
         "channels_last": case.channels_last, "images_per_s": case.batch * steps / seconds,
-        "ms_per_step": 1000 * seconds / steps, "peak_mib": peak_mib, "memory": measure,
+        "ms_per_step": 1000 * seconds / steps, "peak_mib": peak_mib, "total_mib": total_mib,
+        "memory": measure,
         "threads": torch.get_num_threads(),
     }
 
 
-def run_isolated(case: Case, warmup: int, steps: int) -> dict:
+def run_isolated(case: Case, warmup: int, steps: int, threads: int | None) -> dict:
     """`run_case` in a fresh interpreter, so its peak memory is its own."""
-    cmd = [sys.executable, __file__, "--worker", json.dumps(case.__dict__), "--warmup", str(warmup), "--steps", str(steps)]
+    cmd = [sys.executable, __file__, "--worker", json.dumps(case.__dict__), "--warmup", str(warmup)]
+    cmd += ["--steps", str(steps)] + (["--threads", str(threads)] if threads else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark case {case} failed:\n{done.stderr[-3000:]}")
@@ -110,27 +115,35 @@ def run_isolated(case: Case, warmup: int, steps: int) -> dict:
 
 
 def preset_table(cases: list[Case]) -> str:
-    lines = ["| preset | image | groups | latent units | params (M) | paper batch/GPU | batches benchmarked |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | image | groups | latent units | params (M) | paper batch/GPU | batches benchmarked |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in PRESETS:
         model = NVAE(NVAEConfig.preset(name))
         params = sum(p.numel() for p in model.parameters()) / 1e6
         units = sum(c * h * w for c, h, w in model.latent_shapes)
-        batches = ", ".join(f"{c.batch} ({c.device}{' bf16' if c.bf16 else ''})" for c in cases if c.preset == name) or "-"
+        runs = [f"{c.batch} ({c.device}{' bf16' if c.bf16 else ''})" for c in cases if c.preset == name]
         shape = "×".join(map(str, model.cfg.image_shape))
-        lines.append(f"| {name} | {shape} | {model.num_groups} | {units} | {params:.2f} | {PAPER_BATCH[name]} | {batches} |")
+        lines.append(
+            f"| {name} | {shape} | {model.num_groups} | {units} | {params:.2f} | {PAPER_BATCH[name]} | "
+            f"{', '.join(runs) or '-'} |"
+        )
     return "\n".join(lines)
 
 
 def results_table(results: list[dict]) -> str:
     lines = [
-        "| preset | device | precision | channels_last | batch | images/s | ms/step | peak MiB | memory measure | threads |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | device | precision | channels_last | batch | images/s | ms/step | peak Δ MiB | peak total MiB "
+        "| memory measure | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         precision = "bf16 autocast" if r["bf16"] else "fp32"
         lines.append(
             f"| {r['preset']} | {r['device']} | {precision} | {r['channels_last']} | {r['batch']} | "
-            f"{r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {r['peak_mib']:.0f} | {r['memory']} | {r['threads']} |"
+            f"{r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {r['peak_mib']:.0f} | {r['total_mib']:.0f} | "
+            f"{r['memory']} | {r['threads']} |"
         )
     return "\n".join(lines)
 
@@ -140,10 +153,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case before timing")
     parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA cases even if a GPU is present")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one case as JSON, run in this process
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(run_case(Case(**json.loads(args.worker)), args.warmup, args.steps)))
         return
@@ -153,7 +169,7 @@ def main() -> None:
     print(preset_table(cases), "\n", flush=True)
     results = []
     for case in cases:
-        results.append(run_isolated(case, args.warmup, args.steps))
+        results.append(run_isolated(case, args.warmup, args.steps, args.threads))
         print(f"done: {case}", file=sys.stderr, flush=True)
     print(results_table(results))
 

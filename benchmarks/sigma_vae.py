@@ -113,8 +113,8 @@ def main() -> None:
         rows.append({"decoder": decoder, "seconds": seconds, "units": units, **evaluate(model, x_train, x_test)})
         curves.append((decoder, sigmas))
     print(f"NVAE tiny on digits 16×16, {args.steps} steps × batch {args.batch}, seed {args.seed}; test = {len(x_test)}")
-    print("| decoder | σ (model) | β = 2σ² | σ fitted on train | test bpd, disc. Gaussian (σ fit) | NELBO, own σ (nats) "
-          "| KL (nats) | test MSE | active units | train s |")
+    print("| decoder | σ (model) | β = 2σ² | σ fitted on train | test bpd, disc. Gaussian (σ fit) "
+          "| NELBO, own σ (nats) | KL (nats) | test MSE | active units | train s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['decoder']} | {r['sigma']:.4f} | {r['beta']:.4f} | {r['sigma_fit']:.4f} | {r['disc_bpd']:.3f} | "

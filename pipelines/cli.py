@@ -10,6 +10,7 @@ clear message and exit with status 2, without a traceback; `VAEPIPE_DEBUG=1` sho
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
@@ -109,6 +110,21 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.run import main_run
+
+    return main_run(args.config, args.overrides, args.resume, args.address)
+
+
+def _register_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole pipeline (data → train → ncp → tune) under one MLflow parent run")
+    add_config_args(p)
+    p.add_argument("--resume", default=None, metavar="PIPELINE_RUN_ID",
+                   help="continue a pipeline run: finished stages are skipped, an interrupted one resumes")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=_run)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -123,11 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _register_config(sub)
     _register_train(sub)
+    _register_run(sub)
     registrars: list[Callable[[argparse._SubParsersAction], None]] = []
+    from pipelines import registry, tracking
     from pipelines.data import cli as data_cli
-    from pipelines import tracking
 
-    registrars += [data_cli.register, tracking.register]
+    registrars += [data_cli.register, tracking.register, registry.register]
+    for optional in ("pipelines.train_ncp", "pipelines.tune_gwae", "pipelines.submit"):
+        try:
+            registrars.append(importlib.import_module(optional).register)
+        except ImportError:
+            pass
     for register in registrars:
         register(sub)
     demo = sub.add_parser("demo", help="run the embedded demo (what `make demo` runs)")

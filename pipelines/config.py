@@ -134,9 +134,29 @@ class TuneConfig(Config):
     objective_weights: dict = dataclasses.field(default_factory=lambda: {"dci": 1.0, "psnr": 0.01})
     cpus_per_trial: float = dataclasses.field(default=1.0, metadata=positive())
     gpus_per_trial: float = dataclasses.field(default=0.0, metadata=non_negative())
+    # Validation images scored after every epoch (PSNR, DCI, AUROC, NMI/ARI): DCI's forests cost ~1 s per 1000.
+    eval_examples: int = dataclasses.field(default=1000, metadata=in_range(20, None))
+    # The OoD set for AUROC: uniform-noise images (None), or this label held out of training (its val images).
+    ood_class: Optional[int] = dataclasses.field(default=None, metadata=non_negative())
+    # Restarts of a crashed trial from its last checkpoint; checkpoints kept per trial (the best by `metric`).
+    max_failures: int = dataclasses.field(default=1, metadata=non_negative())
+    keep_checkpoints: int = dataclasses.field(default=2, metadata=positive())
     seed: int = 0
     # Ray Tune storage; None means <tracking.workdir>/ray.
     storage_path: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.scheduler == "asha" and self.grace_period > self.epochs:
+            raise ConfigError(
+                f"tune.grace_period: {self.grace_period} is above tune.epochs={self.epochs}; ASHA's first cut comes "
+                f"after grace_period epochs, so lower it or raise tune.epochs"
+            )
+        for name, weight in self.objective_weights.items():
+            if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ConfigError(
+                    f"tune.objective_weights: {name!r}: {weight!r} must map a metric name to a number, "
+                    f"e.g. {{dci: 1.0, psnr: 0.01}}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -388,9 +388,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 x = x.contiguous(memory_format=torch.channels_last)
             stats = training_step(state, ddp_model, x, cfg, device, plan.total_steps)
             images_seen += x.shape[0] * world
-            end_of_epoch = batches_done == plan.steps_per_epoch or state.step >= stop_at
-            want_ckpt = state.step % cfg.train.checkpoint_every_steps == 0 or state.step >= stop_at
-            if state.step % cfg.train.log_every_steps == 0 or want_ckpt or end_of_epoch:
+            end_of_epoch = batches_done == plan.steps_per_epoch
+            stopping = state.step >= stop_at
+            want_ckpt = state.step % cfg.train.checkpoint_every_steps == 0 or stopping or end_of_epoch
+            if state.step % cfg.train.log_every_steps == 0 or want_ckpt:
                 now = time.perf_counter()
                 metrics = dict(stats)
                 metrics.update({
@@ -400,13 +401,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 })
                 images_seen, t_last = 0, now
                 pictures = None
-                if end_of_epoch:
-                    metrics.update(evaluate(state, _batches(val_shard, cfg, seed=0, train=False), cfg, device, world))
-                    if rank == 0:
-                        pictures = picture_pngs(state, x, device)
+                if end_of_epoch or stopping:
+                    # Evaluation draws its own random numbers without moving the training stream, so a run resumed
+                    # from any checkpoint continues exactly as an uninterrupted one.
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        metrics.update(evaluate(state, _batches(val_shard, cfg, seed=0, train=False), cfg, device,
+                                                world))
+                        if rank == 0:
+                            pictures = picture_pngs(state, x, device)
                     t_last = time.perf_counter()
-                _report(state, metrics, cfg, rank, want_ckpt or end_of_epoch,
-                        batches_done if not end_of_epoch else 0, end_of_epoch, pictures)
+                _report(state, metrics, cfg, rank, want_ckpt, 0 if end_of_epoch else batches_done, end_of_epoch,
+                        pictures)
                 _heartbeat(plan, rank, state.step)
         skip_batches = 0
         state.epoch += 1

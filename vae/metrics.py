@@ -71,7 +71,9 @@ def _split_batch(batch: object) -> tuple[Tensor, Tensor | None]:
             f"a batch must be an image tensor (B, C, H, W) or an (images, labels) pair, got {type(batch).__name__}"
         )
     if not images.is_floating_point():
-        raise TypeError(f"images must be float in [0, 1], got {images.dtype}; convert uint8 images with x.float() / 255")
+        raise TypeError(
+            f"images must be float in [0, 1], got {images.dtype}; convert uint8 images with x.float() / 255"
+        )
     return images, labels
 
 
@@ -156,10 +158,12 @@ def importance_weighted_nll(
         log_w: list[Tensor] = []
         for start in range(0, k, chunk_size):
             copies = min(chunk_size, k - start)
-            rows = x.repeat(copies, *([1] * (x.dim() - 1)))  # (copies·B, ...): copy c holds rows c·B .. c·B + B − 1
+            rows = x.repeat(copies, *([1] * (x.dim() - 1)))  # (copies·B, ...): copy c is rows c·B .. c·B + B − 1
             lw = model.log_weights(rows)
             if lw.shape != (copies * b,):
-                raise ValueError(f"model.log_weights must return one value per row, shape ({copies * b},), got {tuple(lw.shape)}")
+                raise ValueError(
+                    f"model.log_weights must return one value per row, shape ({copies * b},), got {tuple(lw.shape)}"
+                )
             if torch.isnan(lw).any() or torch.isposinf(lw).any():
                 raise RuntimeError(
                     "model.log_weights returned NaN or +inf: the model is numerically broken on this batch "
@@ -241,7 +245,10 @@ def posterior_mean_features(model: nn.Module, batches: Iterable) -> tuple[Tensor
 
 
 def _as_matrix(name: str, features: Tensor | np.ndarray) -> np.ndarray:
-    array = features.detach().cpu().double().numpy() if isinstance(features, Tensor) else np.asarray(features, np.float64)
+    if isinstance(features, Tensor):
+        array = features.detach().cpu().double().numpy()
+    else:
+        array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2:
         raise ValueError(f"{name}: expected a feature matrix (N, D), got shape {array.shape}; flatten each example")
     if not np.isfinite(array).all():
@@ -271,7 +278,9 @@ def linear_probe_accuracy(
             f"features and labels differ in length: train {len(train)} vs {len(y_tr)}, test {len(test)} vs {len(y_te)}"
         )
     if train.shape[1] != test.shape[1]:
-        raise ValueError(f"train features have {train.shape[1]} dims, test features {test.shape[1]}; use the same model")
+        raise ValueError(
+            f"train features have {train.shape[1]} dims, test features {test.shape[1]}; extract both with one model"
+        )
     if len(np.unique(y_tr)) < 2:
         raise ValueError("linear_probe_accuracy: the training labels hold a single class; a probe needs at least two")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
@@ -282,9 +291,10 @@ def linear_probe_accuracy(
 def fid_from_features(features_1: Tensor | np.ndarray, features_2: Tensor | np.ndarray) -> float:
     """Fréchet distance d² between Gaussian fits (mean, unbiased covariance) of two feature sets (N_i, D).
 
-    Tr (Σ₁Σ₂)^{1/2} is computed as Σ_i sqrt(λ_i) over the eigenvalues of the symmetric PSD matrix Σ₁^{1/2} Σ₂ Σ₁^{1/2},
-    which has the same spectrum as Σ₁Σ₂. This equals the usual scipy.linalg.sqrtm(Σ₁Σ₂) trace, but stays real and
-    exact for the rank-deficient covariances that N < D samples give (where sqrtm returns complex noise).
+    Tr (Σ₁Σ₂)^{1/2} is computed as Σ_i sqrt(λ_i) over the eigenvalues of the symmetric PSD matrix
+    Σ₁^{1/2} Σ₂ Σ₁^{1/2}, which has the same spectrum as Σ₁Σ₂. This equals the usual scipy.linalg.sqrtm(Σ₁Σ₂) trace
+    but stays real and exact for the rank-deficient covariances that N < D samples give (where sqrtm returns complex
+    noise).
     """
     f1, f2 = _as_matrix("features_1", features_1), _as_matrix("features_2", features_2)
     if f1.shape[1] != f2.shape[1]:
@@ -304,7 +314,8 @@ def fid_from_features(features_1: Tensor | np.ndarray, features_2: Tensor | np.n
 
 def _kth_neighbour_radii(points: Tensor, k: int, chunk_rows: int) -> Tensor:
     """(N,) distance from each point to its k-th nearest neighbour in the same set, itself excluded."""
-    radii = [torch.cdist(chunk, points).topk(k + 1, dim=1, largest=False).values[:, k] for chunk in points.split(chunk_rows)]
+    # k + 1 smallest: each point is its own nearest neighbour at distance 0.
+    radii = [torch.cdist(c, points).topk(k + 1, dim=1, largest=False).values[:, k] for c in points.split(chunk_rows)]
     return torch.cat(radii)
 
 
@@ -324,7 +335,9 @@ def precision_recall(
     real = torch.from_numpy(_as_matrix("features_real", features_real))
     fake = torch.from_numpy(_as_matrix("features_fake", features_fake))
     if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}; use the same feature extractor")
+        raise ValueError(
+            f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}; use the same feature extractor"
+        )
     if not 1 <= k < min(len(real), len(fake)):
         raise ValueError(f"k={k} must be >= 1 and smaller than both set sizes ({len(real)}, {len(fake)})")
     precision = _share_inside(fake, real, _kth_neighbour_radii(real, k, chunk_rows), chunk_rows)

@@ -217,7 +217,8 @@ def test_linear_probe_separable_vs_noise():
     acc = metrics.linear_probe_accuracy(noise[:1000], labels[:1000], noise[1000:], labels[1000:])
     assert abs(acc - 0.2) < 0.04  # chance for 5 classes; 2000 test points give a standard error of 0.009
     digits = load_digits()
-    assert metrics.linear_probe_accuracy(digits.data[:1200], digits.target[:1200], digits.data[1200:], digits.target[1200:]) > 0.9
+    x, y = digits.data, digits.target
+    assert metrics.linear_probe_accuracy(x[:1200], y[:1200], x[1200:], y[1200:]) > 0.9  # multi-class, raw pixels
     with pytest.raises(ValueError, match="single class"):
         metrics.linear_probe_accuracy(noise[:10], np.zeros(10), noise[10:20], np.zeros(10))
 

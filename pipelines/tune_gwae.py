@@ -1,0 +1,650 @@
+"""Stage 3 — tune: Ray Tune over GWAE models (objective weights, priors, learning rates), one nested MLflow run per
+trial, the best trial's model registered as `<name>-gwae`.
+
+    vaepipe tune configs/demo.yaml [--space gwae_weights | PATH] [--resume] [--set tune.num_samples=16]
+
+Recipe layout (STYLE habit 5): the driver side is `run_tune` (validate everything → open the MLflow tune run → fit →
+`finish`: result table, plot, pictures, register the best model); the trial side is `train_gwae` (setup →
+load_checkpoint → train an epoch → evaluate → save_checkpoint and report), the only code a Tune worker runs. The
+model math lives in `vae/gwae.py`, the metrics in `vae/factor_metrics.py`, the space files in `tune_spaces/`.
+
+Contracts kept here (DESIGN.md, PLATFORM.md):
+- every input is checked before Ray starts: the space file (file:line for each mistake), each bound and choice
+  applied alone to the config, the data's shape, and that the metric and the objective's terms will be reported;
+- the driver loads the prepared splits once and ships them with `tune.with_parameters` (uint8 numpy in the object
+  store, read zero-copy by the trials): see benchmarks/tune_asha.py for it against loading per trial;
+- one MLflow writer: `TrialRuns` (an `MLflowLoggerCallback`) on the driver opens a run per trial nested under the
+  tune run, with the sampled values as params and the per-epoch metrics; a resumed trial reattaches to its run;
+- each epoch reports losses, psnr, dci (+ completeness, informativeness) when the data has factors, auroc, nmi/ari
+  for GMP priors on labelled data, the distance scale, and objective = Σ tune.objective_weights[m]·m.
+
+OoD: `auroc` scores val images (in) against uniform-noise images, or val images of the held-out `tune.ood_class`
+(out), with the paper's score f(G(μ), μ), higher = more OoD. That direction holds early in training and can flip once
+reconstructions get good (see GWAE.ood_score), so `auroc` below 0.5 is a real reading, not a bug; `auroc_recon`
+scores by reconstruction error ½‖x − G(μ)‖² instead, a baseline that does not depend on the critic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+import tune_spaces
+from pipelines.common import StageResult, init_ray
+from pipelines.config import PipelineConfig, load_config
+from vae.config import ConfigError
+
+STAGE = "tune"
+STATE_FILE = "state.pt"
+SEARCHED_SECTIONS = ("gwae",)
+MAX_DISCRETE_VALUES = 16  # a factor whose values are this few integers is a class (DCI classifies it)
+# Per-epoch training averages: train_step's key -> the reported name.
+TRAIN_TERMS = {"loss": "loss", "gw": "loss_gw", "w": "loss_w", "d": "loss_d", "h": "loss_h",
+               "critic_w1": "critic_w1", "critic_gp": "critic_gp"}
+
+
+class SearchError(RuntimeError):
+    """The search produced nothing usable (every trial failed, or no checkpoint); the message lists the errors."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan: what the driver works out once and every trial shares.
+
+
+@dataclasses.dataclass(frozen=True)
+class TunePlan:
+    config: dict  # the PipelineConfig, as a dict; each trial applies its sampled values to it
+    steps_per_epoch: int
+    discrete_factors: tuple[int, ...]
+    metrics: tuple[str, ...]  # what every trial reports (the MLflow callback logs these)
+
+
+def load_trial_data(cfg: PipelineConfig, manifest) -> dict[str, np.ndarray]:
+    """Train images, the evaluation set (images, factors, labels) and the OoD images, as numpy arrays (uint8 images).
+
+    With tune.ood_class the class is held out of training and its val images are the OoD set; otherwise the OoD set
+    is uniform noise, seeded by tune.seed."""
+    from pipelines.data import load_split
+
+    t = cfg.tune
+    train = load_split(t.data.path, "train", image_dtype=torch.uint8)
+    val = load_split(t.data.path, "val", image_dtype=torch.uint8)
+    images, labels = train["image"].numpy(), train["label"].numpy()
+    val_images, val_labels, val_factors = val["image"].numpy(), val["label"].numpy(), val["factors"].numpy()
+    if t.ood_class is not None:
+        images = images[labels != t.ood_class]
+        ood = val_images[val_labels == t.ood_class][: t.eval_examples]
+        keep = val_labels != t.ood_class
+        val_images, val_labels, val_factors = val_images[keep], val_labels[keep], val_factors[keep]
+    else:
+        rng = np.random.default_rng(t.seed)
+        ood = rng.integers(0, 256, size=(min(t.eval_examples, len(val_images)), *manifest.shape), dtype=np.uint8)
+    n = t.eval_examples
+    return {"train": images, "eval_images": val_images[:n], "eval_factors": val_factors[:n],
+            "eval_labels": val_labels[:n], "ood_images": ood}
+
+
+def discrete_factors(factors: np.ndarray) -> tuple[int, ...]:
+    """Columns with at most MAX_DISCRETE_VALUES distinct whole-number values (e.g. the shape class)."""
+    out = []
+    for k in range(factors.shape[1]):
+        values = np.unique(factors[:, k])
+        if len(values) <= MAX_DISCRETE_VALUES and np.all(values == np.round(values)):
+            out.append(k)
+    return tuple(out)
+
+
+def reported_metrics(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], data: dict) -> tuple[str, ...]:
+    """The metrics every trial reports (a GMP prior's nmi/ari only when every trial's prior is GMP)."""
+    names = [*TRAIN_TERMS.values(), "skipped_steps", "distance_coef", "psnr", "auroc", "auroc_recon"]
+    if data["eval_factors"].shape[1] >= 2:
+        names += ["dci", "dci_completeness", "dci_informativeness"]
+    prior = space.get("gwae.prior")
+    priors = set(prior.candidates()) if prior is not None else {cfg.gwae.prior}
+    if priors == {"gmp"} and (data["eval_labels"] >= 0).all():
+        names += ["nmi", "ari"]
+    return (*names, "objective", "epoch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trial side.
+
+
+def trial_seed(base: int, sampled: Mapping[str, Any]) -> int:
+    """A seed fixed by the sampled values, so the same point of the space trains the same way in every search."""
+    return (base + zlib.crc32(json.dumps(sampled, sort_keys=True, default=str).encode())) % 2**31
+
+
+def _as_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float32) / 255.0).to(device)
+
+
+def train_epoch(model, optimizers, images: np.ndarray, steps: int, batch_size: int, gen: torch.Generator,
+                device: torch.device) -> dict[str, float]:
+    """`steps` GWAE updates on minibatches drawn without replacement (a fresh permutation whenever one runs out)."""
+    n = len(images)
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps * batch_size / n))])
+    sums = dict.fromkeys(TRAIN_TERMS, 0.0)
+    skipped = 0.0
+    for i in range(steps):
+        idx = order[i * batch_size:(i + 1) * batch_size].numpy()
+        stats = model.train_step(_as_float(images[idx], device), *optimizers)
+        for k in sums:
+            sums[k] += stats[k]
+        skipped += stats["skipped"]
+    out = {TRAIN_TERMS[k]: v / steps for k, v in sums.items()}
+    out.update(skipped_steps=skipped, distance_coef=model.distance_coef.item())
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, data: dict, discrete: tuple[int, ...], device: torch.device) -> dict[str, float]:
+    """PSNR of reconstructions, DCI of the encoder means, OoD AUROCs and (GMP, labels) clustering NMI/ARI."""
+    from vae.factor_metrics import clustering_scores, dci, ood_auroc, psnr
+
+    model.eval()
+    try:
+        x = _as_float(data["eval_images"], device)
+        ood = _as_float(data["ood_images"], device)
+        mu = model.encode(x)[0]
+        if not torch.isfinite(mu).all():
+            raise FloatingPointError("the encoder's means are not finite: the trial diverged; lower gwae.lr or "
+                                     "narrow the space's learning-rate range")
+        x_hat = model.decode(mu)
+        out = {"psnr": psnr(x, x_hat).mean().item()}
+        out["auroc"] = ood_auroc(model.ood_score(x).cpu(), model.ood_score(ood).cpu())
+        sse_in = 0.5 * (x - x_hat).pow(2).flatten(1).sum(1)
+        sse_out = 0.5 * (ood - model.reconstruct(ood)).pow(2).flatten(1).sum(1)
+        out["auroc_recon"] = ood_auroc(sse_in.cpu(), sse_out.cpu())
+        factors = data["eval_factors"]
+        if factors.shape[1] >= 2:
+            scores = dci(mu.cpu(), factors, discrete_factors=discrete)
+            out.update(dci=scores["disentanglement"], dci_completeness=scores["completeness"],
+                       dci_informativeness=scores["informativeness"])
+        labels = data["eval_labels"]
+        if model.config.prior == "gmp" and (labels >= 0).all():
+            out.update(clustering_scores(model.prior.assign(mu).cpu(), labels))
+    finally:
+        model.train()
+    return out
+
+
+def objective(metrics: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    return float(sum(w * metrics[m] for m, w in weights.items()))
+
+
+def save_checkpoint(directory: Path, model, optimizers, epoch: int, gen: torch.Generator, sampled: dict) -> None:
+    torch.save({
+        "model": model.state_dict(), "gwae": model.config.to_dict(), "sampled": dict(sampled), "epoch": epoch,
+        "optimizers": [o.state_dict() for o in optimizers], "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }, directory / STATE_FILE)
+
+
+def load_checkpoint(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} holds no {STATE_FILE}; it is not a tune-stage checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(directory: Path):
+    """The GWAE of a tune checkpoint, in eval mode."""
+    from vae.gwae import GWAE, GWAEConfig
+
+    payload = load_checkpoint(directory)
+    model = GWAE(GWAEConfig.from_dict(payload["gwae"]))
+    model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
+    """One trial: the GWAE of the config with the sampled `config` values applied, trained tune.epochs epochs,
+    reporting metrics and a checkpoint after each; a restarted trial continues from its last checkpoint."""
+    from ray import tune
+
+    from vae.gwae import GWAE
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # its INFO line per checkpoint doubles the progress
+    cfg = tune_spaces.apply(PipelineConfig.from_dict(plan.config), config)  # validated: a bad combination raises
+    t = cfg.tune
+    torch.set_num_threads(max(1, int(t.cpus_per_trial)))  # trials share the cores; torch would take them all
+    device = torch.device("cuda" if t.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    seed = trial_seed(t.seed, config)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = GWAE(cfg.gwae).to(device)
+    optimizers = model.make_optimizers()
+    epoch = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            payload = load_checkpoint(Path(d))
+        model.load_state_dict(payload["model"])
+        for opt, state in zip(optimizers, payload["optimizers"]):
+            opt.load_state_dict(state)
+        gen.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        epoch = payload["epoch"]
+    while epoch < t.epochs:
+        metrics = train_epoch(model, optimizers, data["train"], plan.steps_per_epoch, t.batch_size, gen, device)
+        metrics.update(evaluate(model, data, plan.discrete_factors, device))
+        epoch += 1
+        metrics.update(epoch=epoch, objective=objective(metrics, t.objective_weights))
+        with tempfile.TemporaryDirectory(prefix="vaepipe-tune-") as d:
+            save_checkpoint(Path(d), model, optimizers, epoch, gen, config)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver-side callbacks: the one MLflow writer, and a progress line per result.
+
+
+def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, str], plan: TunePlan, cfg):
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune import Callback
+
+    epochs, metric = cfg.tune.epochs, cfg.tune.metric
+
+    class TrialRuns(MLflowLoggerCallback):
+        """Ray's MLflow logger with three changes: trial runs carry a `vaepipe.trial_id` tag; a trial that starts
+        again (a retry, or `--resume` in a new process) reattaches to its run instead of opening a second one; and
+        only the trial's own metrics are logged, in one batch per epoch, through the retrying Tracker."""
+
+        def log_trial_start(self, trial) -> None:
+            if trial in self._trial_runs:
+                return
+            client = tracker.client
+            found = client.search_runs(
+                [self.mlflow_util.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{tune_run_id}' and tags.`vaepipe.trial_id` = '{trial.trial_id}'",
+            )
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+            else:
+                run_tags = {**self.tags, "trial_name": str(trial), "vaepipe.trial_id": trial.trial_id}
+                run_id = self.mlflow_util.start_run(tags=run_tags, run_name=str(trial)).info.run_id
+                tracker.log_params(run_id, trial.config)
+            self._trial_runs[trial] = run_id
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            values = {k: result[k] for k in plan.metrics if isinstance(result.get(k), (int, float))}
+            tracker.log_metrics(self._trial_runs[trial], values, step=int(result["training_iteration"]))
+
+        def log_trial_end(self, trial, failed: bool = False) -> None:
+            done = int((trial.last_result or {}).get("epoch", 0))
+            outcome = "failed" if failed else ("completed" if done >= epochs else "stopped_early")
+            tracker.set_tags(self._trial_runs[trial], {"vaepipe.trial_outcome": outcome, "vaepipe.epochs": done})
+            super().log_trial_end(trial, failed)
+
+    class ProgressLines(Callback):
+        """One line per trial result and per trial end, instead of Ray's table."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            extra = "  ".join(f"{k} {result[k]:.4g}" for k in ("psnr", "dci", "auroc") if k in result)
+            print(f"[tune] trial {trial.trial_id}  epoch {result['epoch']}/{epochs}  {metric} {result[metric]:.4g}"
+                  f"  {extra}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            done = int((trial.last_result or {}).get("epoch", 0))
+            print(f"[tune] trial {trial.trial_id} " + ("finished" if done >= epochs else
+                                                        f"stopped early by ASHA after {done}/{epochs} epochs"),
+                  flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            print(f"[tune] trial {trial.trial_id} FAILED (the search goes on): {_first_line(trial.error_file)}",
+                  flush=True)
+
+    logger = TrialRuns(tracker.tracking_uri, registry_uri=tracker.registry_uri, experiment_name=experiment,
+                       tags=tags, save_artifact=False)
+    return [logger, ProgressLines()]
+
+
+def _first_line(error_file: str | None) -> str:
+    """The exception line of a trial's error file (its last non-empty line)."""
+    if not error_file or not Path(error_file).exists():
+        return "see the trial's error.txt"
+    lines = [line for line in Path(error_file).read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no message"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side.
+
+
+def check_inputs(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], manifest) -> None:
+    """Everything about the search that can be wrong, refused before Ray starts."""
+    t = cfg.tune
+    for param in space.values():
+        if param.section not in SEARCHED_SECTIONS:
+            raise ConfigError(f"{param.where}: {param.key}: the tune stage searches {', '.join(SEARCHED_SECTIONS)} "
+                              f"fields only (e.g. gwae.lambda_w); set other sections with --set")
+        if param.type == "grid" and t.search == "optuna":
+            raise ConfigError(f"{param.where}: {param.key}: grid needs tune.search=random (Optuna samples; it "
+                              f"cannot enumerate a grid); use type choice, or --set tune.search=random")
+    if tuple(manifest.shape) != tuple(cfg.gwae.image_shape):
+        c, h, w = manifest.shape
+        raise ConfigError(f"gwae.image_shape: {list(cfg.gwae.image_shape)} does not match the dataset at "
+                          f"{t.data.path} (shape {list(manifest.shape)}); set --set gwae.image_shape=[{c},{h},{w}]")
+    for split in ("train", "val"):
+        if manifest.splits.get(split, 0) < 2:
+            raise ConfigError(f"tune.data: the dataset at {t.data.path} has too few '{split}' examples; prepare it "
+                              f"with more examples or a larger tune.data.val_fraction")
+    if t.ood_class is not None and not t.ood_class < len(manifest.label_names):
+        raise ConfigError(f"tune.ood_class: {t.ood_class} is not a label of {t.data.path} (labels: "
+                          f"{', '.join(manifest.label_names) or 'none'}); pick one of them or null for noise")
+    tune_spaces.check_values(space, cfg)
+
+
+def check_metrics(cfg: PipelineConfig, metrics: tuple[str, ...]) -> None:
+    t = cfg.tune
+    missing = [m for m in [t.metric, *t.objective_weights] if m not in metrics]
+    if missing:
+        raise ConfigError(
+            f"tune.metric / tune.objective_weights: {', '.join(map(repr, missing))} will not be reported by every "
+            f"trial of this search (dci needs data with factors, nmi/ari a gmp prior in every trial and labels); "
+            f"reported: {', '.join(metrics)}"
+        )
+
+
+def _storage_path(cfg: PipelineConfig) -> str:
+    path = cfg.tune.storage_path or str(Path(cfg.tracking.workdir) / "ray")
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _find_interrupted_run(tracker, cfg: PipelineConfig) -> tuple[str, str]:
+    runs = tracker.find_runs(
+        cfg.name, filter_string="tags.`vaepipe.stage` = 'tune' and attributes.status != 'FINISHED'", max_results=1
+    )
+    if not runs:
+        raise ConfigError(f"--resume: experiment vaepipe/{cfg.name} has no interrupted tune run; run without --resume")
+    return runs[0].info.run_id, runs[0].data.tags["vaepipe.ray_run"]
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _check_resources(cfg: PipelineConfig) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    for key, need in (("CPU", cfg.tune.cpus_per_trial), ("GPU", cfg.tune.gpus_per_trial)):
+        if need > have.get(key, 0.0):
+            raise ConfigError(f"tune.{key.lower()}s_per_trial: {need:g} {key}s per trial, but the Ray cluster has "
+                              f"{have.get(key, 0.0):g}; lower it, or connect to a cluster that has them (--address)")
+
+
+def run_tune(
+    cfg: PipelineConfig,
+    tracker=None,
+    *,
+    parent_run_id: str | None = None,
+    resume: bool = False,
+    ray_address: str | None = None,
+) -> StageResult:
+    """Search GWAE configurations with Ray Tune; track every trial, register the best model as `<name>-gwae`.
+
+    Every input (config, space file, data, metric names, tracking store, the --resume target) fails here, before any
+    trial starts. Failed trials are listed and do not stop the search; SearchError when no trial leaves a model."""
+    from ray import tune
+
+    from pipelines.data import ensure_dataset
+    from pipelines.tracking import Tracker, dataset_tag, experiment_name, git_commit
+
+    t = cfg.tune
+    space = tune_spaces.load_space(t.space)
+    manifest = ensure_dataset(t.data)
+    check_inputs(cfg, space, manifest)
+    data = load_trial_data(cfg, manifest)
+    steps = t.steps_per_epoch or len(data["train"]) // t.batch_size
+    if steps < 1 or t.batch_size < 2:
+        raise ConfigError(f"tune.batch_size: {t.batch_size} needs 2 <= batch_size <= the {len(data['train'])} "
+                          f"training images (GWAE compares pairs within a batch)")
+    plan = TunePlan(cfg.to_dict(), steps, discrete_factors(data["eval_factors"]), reported_metrics(cfg, space, data))
+    check_metrics(cfg, plan.metrics)
+    tracker = tracker or Tracker.connect(cfg.tracking)
+    storage = _storage_path(cfg)
+    own_parent = False
+    if resume:
+        run_id, ray_name = _find_interrupted_run(tracker, cfg)
+        if not tune.Tuner.can_restore(f"{storage}/{ray_name}"):
+            raise ConfigError(f"--resume: no Tune experiment to restore at {storage}/{ray_name} (tune run {run_id}); "
+                              f"check tune.storage_path, or run without --resume")
+        tracker.client.update_run(run_id, status="RUNNING")
+        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        if parent and parent != parent_run_id and tracker.client.get_run(parent).info.status != "FINISHED":
+            parent_run_id, own_parent = parent, True  # the standalone tune's own pipeline run goes on too
+            tracker.client.update_run(parent, status="RUNNING")
+        print(f"[tune] resuming MLflow run {run_id} (Tune experiment {storage}/{ray_name})", flush=True)
+    else:
+        if parent_run_id is None:  # a stage run on its own still hangs under a pipeline run
+            parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name="tune",
+                                                                   dataset_tag=dataset_tag(t.data.path)), True
+        run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id, dataset_tag=dataset_tag(t.data.path))
+        ray_name = f"{cfg.name}-tune-{run_id[:12]}"
+        tracker.set_tags(run_id, {"vaepipe.ray_run": ray_name})
+        tracker.log_params(run_id, {"plan.steps_per_epoch": steps, "plan.space_file": space_path_of(space)})
+        tracker.log_artifact(run_id, space_path_of(space), "search_space")
+
+    # A checkpoint per epoch forces an experiment snapshot per epoch (what keeps --resume exact); Ray warns about
+    # the snapshot rate each time, which is noise for short epochs.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    init_ray(ray_address)
+    status = "FAILED"
+    try:
+        _check_resources(cfg)
+        trainable = tune.with_resources(tune.with_parameters(train_gwae, plan=plan, data=data),
+                                        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
+        if resume:
+            tuner = tune.Tuner.restore(f"{storage}/{ray_name}", trainable, resume_errored=True)
+        else:
+            tags = {"mlflow.parentRunId": run_id, "vaepipe.stage": "tune-trial", "vaepipe.git_commit": git_commit(),
+                    "vaepipe.pipeline_run": tracker.client.get_run(run_id).data.tags["vaepipe.pipeline_run"],
+                    "vaepipe.dataset": dataset_tag(t.data.path)}
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_spaces.to_tune_space(space),
+                tune_config=tune.TuneConfig(
+                    metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                    max_concurrent_trials=t.max_concurrent_trials, search_alg=_searcher(cfg),
+                    scheduler=_scheduler(cfg), trial_dirname_creator=_trial_dirname,
+                    reuse_actors=True,  # trials share one signature: skip a process start (torch import) each
+                ),
+                run_config=tune.RunConfig(
+                    name=ray_name, storage_path=storage, verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=t.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                                            checkpoint_score_attribute=t.metric,
+                                                            checkpoint_score_order=t.mode),
+                    callbacks=_make_callbacks(tracker, run_id, experiment_name(cfg.name), tags, plan, cfg),
+                ),
+            )
+        print(f"[tune] {t.num_samples} trial(s) of {t.epochs} epochs × {steps} steps, space {space_path_of(space)}; "
+              f"MLflow run {run_id}; Tune experiment {storage}/{ray_name}", flush=True)
+        results = tuner.fit()
+        stage_result = finish(cfg, tracker, run_id, results, space, data)
+        status = "FINISHED"
+        return stage_result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.end_run(run_id, status)
+        if own_parent:
+            tracker.end_run(parent_run_id, status)
+
+
+def space_path_of(space: Mapping[str, tune_spaces.Param]) -> str:
+    return next(iter(space.values())).where.rsplit(":", 1)[0]
+
+
+def _searcher(cfg: PipelineConfig):
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.tune.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.tune.seed)
+
+
+def _scheduler(cfg: PipelineConfig):
+    if cfg.tune.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    t = cfg.tune
+    return ASHAScheduler(max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# After the search: the table, the plot, the best model.
+
+# The last reported values kept in the result table, and logged as best/<name> for the best trial.
+_LAST_COLUMNS = ("objective", "psnr", "dci", "dci_completeness", "dci_informativeness", "auroc", "auroc_recon",
+                 "nmi", "ari", "distance_coef", "loss")
+
+
+def result_table(results, space: Mapping[str, tune_spaces.Param], metric: str, mode: str, epochs: int):
+    """One row per trial: id, outcome, epochs trained, the sampled values, the best `metric`, the last metrics, and
+    the error of a failed trial."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        history = r.metrics_dataframe
+        row: dict[str, Any] = {"trial_id": Path(r.path).name.removeprefix("trial_"), "epochs": 0}
+        row.update({key: (r.config or {}).get(key) for key in space})
+        if history is not None and metric in history:
+            best = history[metric].max() if mode == "max" else history[metric].min()
+            row.update(epochs=int(history["epoch"].max()), **{f"best_{metric}": float(best)})
+        row.update({k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) and k in _LAST_COLUMNS})
+        done = row["epochs"]
+        row["outcome"] = "failed" if r.error else ("completed" if done >= epochs else "stopped_early")
+        row["error"] = f"{type(r.error).__name__}: {r.error}".splitlines()[0][:500] if r.error else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def objective_plot(table, space: Mapping[str, tune_spaces.Param], metric: str) -> bytes:
+    """PNG: the best `metric` of each trial against each searched value (log x for loguniform ranges)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg renders the PNG
+
+    column = f"best_{metric}"
+    ok = table[table["outcome"] != "failed"] if column in table else table.iloc[0:0]
+    fig = Figure(figsize=(4 * len(space), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(space), squeeze=False)[0]
+    for ax, (key, param) in zip(axes, space.items()):
+        if param.type in ("choice", "grid"):
+            labels = [str(v) for v in param.values]
+            xs = [labels.index(str(v)) for v in ok[key]] if len(ok) else []
+            ax.set_xticks(range(len(labels)), labels)
+        else:
+            xs = list(ok[key]) if len(ok) else []
+            if param.type == "loguniform":
+                ax.set_xscale("log")
+        ys = list(ok[column]) if len(ok) else []
+        ax.scatter(xs, ys, c=["tab:blue" if o == "completed" else "tab:orange" for o in ok["outcome"]])
+        ax.set_xlabel(key)
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+    fig.suptitle("blue: full budget, orange: stopped early by ASHA")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict) -> StageResult:
+    """Log the result table (Parquet, CSV) and plot, list failed trials, load the best trial's best checkpoint, log
+    its sample and reconstruction grids and its model, and register it as `<name>-gwae` with alias `candidate`."""
+    from vae.metrics import reconstruction_grid, sample_grid
+
+    t = cfg.tune
+    table = result_table(results, space, t.metric, t.mode, t.epochs)
+    failed = table[table["outcome"] == "failed"]
+    for _, row in failed.iterrows():
+        print(f"[tune] failed trial {row['trial_id']}: {row['error']}", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        table.to_parquet(Path(d) / "trials.parquet", index=False)
+        table.to_csv(Path(d) / "trials.csv", index=False)
+        (Path(d) / "objective_vs_params.png").write_bytes(objective_plot(table, space, t.metric))
+        tracker.log_artifacts(run_id, d, "results")
+    trial_epochs = int(table["epochs"].sum())
+    tracker.log_metrics(run_id, {"trials": len(table), "failed_trials": len(failed), "trial_epochs": trial_epochs,
+                                 "stopped_early": int((table["outcome"] == "stopped_early").sum())}, step=0)
+    if len(failed) == len(table):
+        raise SearchError(f"every one of the {len(table)} trials failed; first error: {failed.iloc[0]['error']}. "
+                          f"Fix the cause, then `vaepipe tune CONFIG --resume` re-runs them")
+    best = results.get_best_result(t.metric, t.mode, scope="all", filter_nan_and_inf=True)
+    checkpoint = best.get_best_checkpoint(t.metric, t.mode)
+    if checkpoint is None:
+        raise SearchError(f"the best trial ({best.path}) kept no checkpoint; raise tune.keep_checkpoints")
+    with checkpoint.as_directory() as d:
+        model = load_model(Path(d))
+        sampled = load_checkpoint(Path(d))["sampled"]
+    history = best.metrics_dataframe
+    best_row = history.loc[history[t.metric].idxmax() if t.mode == "max" else history[t.metric].idxmin()]
+    best_metrics = {f"best/{k}": float(best_row[k]) for k in _LAST_COLUMNS if k in best_row}
+    tracker.log_metrics(run_id, best_metrics, step=int(best_row["epoch"]))
+    best_id = Path(best.path).name.removeprefix("trial_")
+    tracker.log_params(run_id, {f"best.{k}": v for k, v in sampled.items()})
+    tracker.set_tags(run_id, {"vaepipe.best_trial": best_id})
+    x = torch.from_numpy(data["eval_images"][:16].astype(np.float32) / 255.0)
+    tracker.log_image(run_id, sample_grid(model.sample(36), nrow=6), "pictures/best_samples.png")
+    tracker.log_image(run_id, reconstruction_grid(x, model.reconstruct(x)), "pictures/best_reconstructions.png")
+    c, h, w = cfg.gwae.image_shape
+    logged_uri = tracker.log_pytorch_model(run_id, model, name="model",
+                                           input_example=np.zeros((1, c, h, w), dtype=np.float32))
+    name = f"{cfg.name}-gwae"
+    version = tracker.register_model(logged_uri, name, alias="candidate",
+                                     tags={"vaepipe.run_id": run_id, "vaepipe.trial_id": best_id})
+    tracker.end_run(run_id, "FINISHED")
+    print(f"[tune] {len(table)} trials ({len(failed)} failed, {trial_epochs} trial-epochs); best trial {best_id} "
+          f"{t.metric} {best_row[t.metric]:.4g} at epoch {int(best_row['epoch'])} with {sampled}", flush=True)
+    print(f"[tune] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
+    return StageResult(STAGE, run_id, model_uri=f"models:/{name}@candidate", registered_model=name,
+                       registered_version=str(version),
+                       metrics={k.removeprefix("best/"): v for k, v in best_metrics.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.space:
+        cfg = cfg.replace(tune=cfg.tune.replace(space=args.space))
+    result = run_tune(cfg, resume=args.resume, ray_address=args.address)
+    print(result.summary())
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `vaepipe tune CONFIG [--space NAME_OR_PATH] [--resume] [--set k=v ...] [--address ADDR]`."""
+    from pipelines.cli import add_config_args
+
+    p = subparsers.add_parser("tune", help="stage 3: Ray Tune over GWAE weights and priors; register <name>-gwae")
+    add_config_args(p)
+    p.add_argument("--space", default=None, metavar="NAME_OR_PATH",
+                   help=f"search space: a YAML file, or one shipped in tune_spaces/ "
+                        f"({', '.join(tune_spaces.shipped_spaces())}); overrides tune.space")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the newest interrupted tune run of this config (errored trials restart from "
+                        "their last checkpoint)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=_cli)

@@ -1,0 +1,268 @@
+"""Offline sample-quality scores with an in-project feature extractor: no downloaded weights, any image size.
+
+The Fréchet Inception Distance (Heusel et al., NeurIPS 2017) and improved precision/recall (Kynkäänniemi et al.,
+NeurIPS 2019) need features in which real images cluster. Inception weights are a download and their 299×299
+ImageNet features say little about 16×16 digits, so we train a small CNN on the dataset itself and use its
+penultimate layer:
+  FID  d² = ‖μ_r − μ_f‖² + Tr(Σ_r + Σ_f − 2(Σ_r Σ_f)^{1/2}) between Gaussian fits of the features (`vae.metrics`);
+  precision = share of fake features inside the union of real k-NN balls, recall the converse (`vae.metrics`);
+  mean_max_prob = mean over fake images of max_c softmax(logits)_c, the classifier's confidence (a cheap proxy of
+  the Inception Score's "each sample looks like one class").
+Scores are only comparable between runs that share the same trained extractor (its seed, data and architecture).
+
+A plain classifier maps every input onto some class region, so structureless images land inside the real k-NN
+manifold: on digits 16×16, uniform noise scored precision 0.85 in such features. The CNN therefore learns one extra
+class, "structureless": copies of its training images with their pixel positions shuffled (the same intensities,
+no spatial structure). With it uniform noise scored precision 0.007, and accuracy on the digit classes stayed 97 %.
+The test corruptions (uniform noise, blur) are not the training negatives. Training batches are twice as large.
+
+Label-free data: the fallback trains the same CNN on rotation prediction (RotNet; Gidaris, Singh & Komodakis, ICLR
+2018): each image is turned by 0, 90, 180 or 270 degrees and the CNN predicts which. Telling the rotations apart needs
+the orientation cues of the data's strokes and parts, so the features are data-specific and degrade on noise or blur,
+whereas random-projection features weigh every pixel direction alike and barely separate blur from structure.
+mean_max_prob is then the confidence in the rotation of the images as given (high for upright data).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vae.metrics import fid_from_features, precision_recall
+
+ROTATIONS = 4  # 0, 90, 180, 270 degrees
+
+
+class FeatureCNN(nn.Module):
+    """Images (B, C, H, W) in [0, 1] -> logits (B, num_classes + 1), the last one the "structureless" class;
+    `features` is the penultimate layer (B, feature_dim).
+
+    conv3×3-BN-ReLU at full size, then stride-2 stages (channels ×2, capped at 4·width) down to at most 4×4, a global
+    mean pool and a ReLU feature layer.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32, feature_dim: int = 64) -> None:
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_classes = int(num_classes)
+        c, h, w = self.image_shape
+        layers: list[nn.Module] = [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        ch, side = width, min(h, w)
+        while side > 4:
+            out = min(2 * ch, 4 * width)
+            layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                       nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            ch, side = out, (side + 1) // 2
+        self.body = nn.Sequential(*layers)
+        self.feature = nn.Sequential(nn.Linear(ch, feature_dim), nn.ReLU())
+        self.head = nn.Linear(feature_dim, num_classes + 1)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.feature(self.body(2.0 * x - 1.0).mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def _check_images(name: str, images: Tensor, shape: tuple[int, int, int] | None = None) -> None:
+    if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4:
+        raise ValueError(
+            f"{name}: expected float images (N, C, H, W) in [0, 1], got {getattr(images, 'dtype', type(images))} of "
+            f"shape {tuple(getattr(images, 'shape', ()))}; convert uint8 images with x.float() / 255"
+        )
+    if shape is not None and tuple(images.shape[1:]) != shape:
+        raise ValueError(
+            f"{name}: images of shape {tuple(images.shape[1:])}, the feature extractor was trained on {shape}; resize "
+            "them or train an extractor on data of this shape"
+        )
+
+
+def _rotate(x: Tensor, turns: Tensor) -> Tensor:
+    """Turn image i by turns[i]·90° counter-clockwise."""
+    out = x.clone()
+    for t in range(1, ROTATIONS):
+        rows = turns == t
+        if rows.any():
+            out[rows] = torch.rot90(x[rows], t, dims=(2, 3))
+    return out
+
+
+def _shuffle_pixels(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image with its pixel positions permuted at random (colours stay whole): the "structureless" class."""
+    b, c, h, w = x.shape
+    order = torch.rand(b, h * w, generator=generator).argsort(dim=1).to(x.device)
+    return x.flatten(2).gather(2, order.unsqueeze(1).expand(b, c, h * w)).view_as(x)
+
+
+def _fit(
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    width: int,
+    feature_dim: int,
+    val_fraction: float,
+    seed: int,
+) -> tuple[FeatureCNN, dict[str, Any]]:
+    """Train on labels, or on rotations when labels is None; seeded without touching the global RNG."""
+    _check_images("images", images)
+    n = images.shape[0]
+    n_val = int(round(val_fraction * n))
+    if not 0.0 <= val_fraction < 1.0 or n - n_val < 2:
+        raise ValueError(f"val_fraction={val_fraction} leaves {n - n_val} of {n} images to train on; use a value in [0, 1)")
+    if epochs < 1 or batch_size < 2:
+        raise ValueError(f"epochs={epochs} must be >= 1 and batch_size={batch_size} >= 2 (batch norm needs 2 rows)")
+    if labels is None:
+        if images.shape[2] != images.shape[3]:
+            raise ValueError(
+                f"rotation features need square images (a 90° turn must keep the shape), got {tuple(images.shape[2:])}; "
+                "pad or crop the images, or pass labels"
+            )
+        num_classes = ROTATIONS
+    else:
+        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+        if len(labels) != n:
+            raise ValueError(f"{n} images but {len(labels)} labels; pass one label per image")
+        if labels.min() < 0 or len(labels.unique()) < 2:
+            raise ValueError("labels must be class indices >= 0 with at least two classes; pass labels=None for rotations")
+        num_classes = int(labels.max()) + 1
+    device = images.device
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    history: dict[str, Any] = {"epoch": [], "train_loss": [], "val_accuracy": []}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = FeatureCNN(images.shape[1:], num_classes, width, feature_dim).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * math.ceil(len(train_idx) / batch_size))
+        for epoch in range(epochs):
+            model.train()
+            total, count = 0.0, 0
+            for rows in torch.randperm(len(train_idx), generator=generator).split(batch_size):
+                if len(rows) < 2:
+                    continue  # a one-row batch has no batch statistics
+                idx = train_idx[rows]
+                x = images[idx]
+                if labels is None:
+                    y = torch.randint(0, ROTATIONS, (len(idx),), generator=generator)
+                    x = _rotate(x, y.to(device))
+                else:
+                    y = labels[idx]
+                x = torch.cat([x, _shuffle_pixels(x, generator)])
+                y = torch.cat([y, torch.full_like(y, num_classes)]).to(device)
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total, count = total + loss.item() * len(idx), count + len(idx)
+            history["epoch"].append(epoch + 1)
+            history["train_loss"].append(total / max(count, 1))
+            history["val_accuracy"].append(_accuracy(model, images[val_idx], None if labels is None else labels[val_idx]))
+    model.eval()
+    history["task"] = "rotation" if labels is None else "labels"
+    return model, history
+
+
+@torch.no_grad()
+def _accuracy(model: FeatureCNN, images: Tensor, labels: Tensor | None) -> float:
+    """Held-out accuracy over the data classes (the structureless class is not a candidate); for rotations every
+    image is scored at all four turns. NaN without held-out images."""
+    if len(images) == 0:
+        return math.nan
+    model.eval()
+    if labels is None:
+        turns = torch.arange(ROTATIONS).repeat_interleave(len(images))
+        images, labels = _rotate(images.repeat(ROTATIONS, 1, 1, 1), turns.to(images.device)), turns
+    correct = sum((model(x)[:, :-1].argmax(1).cpu() == y).sum().item() for x, y in zip(images.split(512), labels.split(512)))
+    return correct / len(labels)
+
+
+def train_feature_classifier(
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    epochs: int = 15,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    width: int = 32,
+    feature_dim: int = 64,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[FeatureCNN, dict[str, Any]]:
+    """Train a FeatureCNN on images (N, C, H, W) in [0, 1] (on their device) with class labels (N,), or, with
+    labels=None, on rotation prediction. Returns the model (eval mode) and its history: per epoch "train_loss" and
+    "val_accuracy" on a held-out `val_fraction` of the images, and "task" ("labels" or "rotation")."""
+    return _fit(images, labels, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, width=width,
+                feature_dim=feature_dim, val_fraction=val_fraction, seed=seed)
+
+
+class SampleQuality(nn.Module):
+    """Sample-quality scores in the feature space of a trained FeatureCNN. Picklable; `.to(device)` moves it."""
+
+    def __init__(self, classifier: FeatureCNN, task: Literal["labels", "rotation"] = "labels") -> None:
+        super().__init__()
+        if task not in ("labels", "rotation"):
+            raise ValueError(f"SampleQuality: task {task!r} is not 'labels' or 'rotation'")
+        self.classifier = classifier.eval()
+        self.classifier.requires_grad_(False)
+        self.task = task
+        self.history: dict[str, Any] = {}  # the training history when built by `fit`
+
+    @classmethod
+    def fit(cls, images: Tensor, labels: Tensor | None = None, **train_kwargs: Any) -> "SampleQuality":
+        """Train the extractor on `images` (with labels, or on rotations without) and wrap it."""
+        classifier, history = train_feature_classifier(images, labels, **train_kwargs)
+        quality = cls(classifier, history["task"])
+        quality.history = history
+        return quality
+
+    def train(self, mode: bool = True) -> "SampleQuality":
+        # The extractor's BN statistics define the feature space; they must never follow the scored images.
+        super().train(mode)
+        self.classifier.eval()
+        return self
+
+    @torch.no_grad()
+    def _outputs(self, images: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+        _check_images("images", images, self.classifier.image_shape)
+        device = next(self.classifier.parameters()).device
+        feats, probs = [], []
+        for x in images.split(batch_size):
+            f = self.classifier.features(x.to(device).float())
+            feats.append(f.cpu())
+            probs.append(torch.softmax(self.classifier.head(f), dim=1).cpu())
+        return torch.cat(feats), torch.cat(probs)
+
+    def features(self, images: Tensor, batch_size: int = 512) -> Tensor:
+        """(N, feature_dim) float32 on the CPU: the penultimate layer for images (N, C, H, W) in [0, 1]."""
+        return self._outputs(images, batch_size)[0]
+
+    def probabilities(self, images: Tensor, batch_size: int = 512) -> Tensor:
+        """(N, num_classes + 1) softmax of the classifier: the classes (or the four rotations), then structureless."""
+        return self._outputs(images, batch_size)[1]
+
+    def score(self, real: Tensor, fake: Tensor, k: int = 3) -> dict[str, float]:
+        """{"fid", "precision", "recall", "mean_max_prob"} of `fake` against `real`, both (N, C, H, W) in [0, 1].
+
+        FID and the k-NN precision/recall use the features; mean_max_prob is the mean over the fake images of the top
+        softmax among the data classes (mass on "structureless" counts against it).
+        Both sets need more than k images (and FID's covariances are noisy below a few hundred).
+        """
+        f_real = self.features(real)
+        f_fake, p_fake = self._outputs(fake, 512)
+        precision, recall = precision_recall(f_real, f_fake, k=k)
+        return {
+            "fid": fid_from_features(f_real, f_fake),
+            "precision": precision,
+            "recall": recall,
+            "mean_max_prob": p_fake[:, :-1].max(dim=1).values.mean().item(),
+        }
