@@ -5,12 +5,15 @@
 
 One step is what the trainer does per batch minus the optimiser: forward in train mode (KL warm-up and balancing
 active, spectral regularisation on as in each preset) and backward of `out.loss`. Throughput is images per second
-over the timed steps after warm-up steps.
+of wall time over the timed steps after warm-up steps; on a shared CPU also read the process CPU seconds per step,
+which other processes competing for the cores do not inflate.
 
 Peak memory:
-- CPU: the growth of the process's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) from just
-  before the first step to after the last one. Every case runs in a fresh subprocess, so the high-water mark of one
-  case cannot hide the next. tracemalloc is not used: it sees only Python's allocator, not tensor storage.
+- CPU: the growth of the process's peak resident set size from just before the first step to after the last one,
+  read as VmHWM from /proc/self/status (Linux; elsewhere `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the same
+  high-water mark except that Linux carries ru_maxrss over from the parent across fork + exec). Every case runs in
+  a fresh subprocess, so the high-water mark of one case cannot hide the next. tracemalloc is not used: it sees only
+  Python's allocator, not tensor storage.
 - CUDA: `torch.cuda.max_memory_allocated` minus what was allocated before the first step (the weights and the
   batch): activations, gradients and workspace. On CUDA the fp32 cases are followed by bf16 autocast +
   channels_last at larger batches.
@@ -54,6 +57,19 @@ CUDA_CASES = (
 PAPER_BATCH = {"tiny": "-", "mnist": "200", "cifar10": "32", "celeba64": "16"}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
+
+
 def run_case(case: Case, warmup: int, steps: int) -> dict:
     """Time `steps` forward+backward steps after `warmup` ones, in this process."""
     torch.manual_seed(0)
@@ -76,30 +92,28 @@ def run_case(case: Case, warmup: int, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        base = peak_rss_mib()
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if device.type == "cuda":
         total_mib = torch.cuda.max_memory_allocated() / 2**20
         peak_mib = total_mib - base / 2**20
         measure = "cuda.max_memory_allocated"
     else:
-        total_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_mib = total_mib - base / 1024
-        measure = "ru_maxrss delta"
+        total_mib = peak_rss_mib()
+        peak_mib = total_mib - base
+        measure = "peak RSS (VmHWM)"
     return {
-        "preset": case.preset, "batch": case.batch, "device": case.device, "bf16": case.bf16,
-        "channels_last": case.channels_last, "images_per_s": case.batch * steps / seconds,
-        "ms_per_step": 1000 * seconds / steps, "peak_mib": peak_mib, "total_mib": total_mib,
-        "memory": measure,
+        **case.__dict__, "images_per_s": case.batch * steps / seconds, "ms_per_step": 1000 * seconds / steps,
+        "cpu_s_per_step": cpu_seconds / steps, "peak_mib": peak_mib, "total_mib": total_mib, "memory": measure,
         "threads": torch.get_num_threads(),
     }
 
@@ -134,16 +148,16 @@ def preset_table(cases: list[Case]) -> str:
 
 def results_table(results: list[dict]) -> str:
     lines = [
-        "| preset | device | precision | channels_last | batch | images/s | ms/step | peak Δ MiB | peak total MiB "
-        "| memory measure | threads |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | device | precision | channels_last | batch | images/s | ms/step | process CPU s/step | peak Δ MiB "
+        "| peak total MiB | memory measure | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         precision = "bf16 autocast" if r["bf16"] else "fp32"
         lines.append(
             f"| {r['preset']} | {r['device']} | {precision} | {r['channels_last']} | {r['batch']} | "
-            f"{r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {r['peak_mib']:.0f} | {r['total_mib']:.0f} | "
-            f"{r['memory']} | {r['threads']} |"
+            f"{r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {r['cpu_s_per_step']:.2f} | {r['peak_mib']:.0f} | "
+            f"{r['total_mib']:.0f} | {r['memory']} | {r['threads']} |"
         )
     return "\n".join(lines)
 
@@ -166,11 +180,11 @@ def main() -> None:
     cases = list(CPU_CASES)
     if torch.cuda.is_available() and not args.cpu_only:
         cases += CUDA_CASES
-    print(preset_table(cases), "\n", flush=True)
     results = []
     for case in cases:
         results.append(run_isolated(case, args.warmup, args.steps, args.threads))
         print(f"done: {case}", file=sys.stderr, flush=True)
+    print(preset_table(cases), "\n")
     print(results_table(results))
 
 

@@ -43,6 +43,7 @@ def init_ray(address: str | None = None) -> None:
         return
     cores = os.cpu_count() or 2
     ray.init(
+        address="local",  # our own local Ray; a cluster is reached only through --address or RAY_ADDRESS
         num_cpus=max(4, 2 * cores),
         include_dashboard=False,
         object_store_memory=min(2 * 1024**3, max(512 * 1024**2, _memory_bytes() // 8)),

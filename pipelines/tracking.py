@@ -287,7 +287,10 @@ def _tensor_signature(example: Any):
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """`git rev-parse HEAD` of the repository holding this package, or "unknown" (installed, no git)."""
+    """$VAEPIPE_GIT_COMMIT (set by `vaepipe submit`, whose upload has no .git), else `git rev-parse HEAD` of the
+    repository holding this package, else "unknown" (installed, no git)."""
+    if os.environ.get("VAEPIPE_GIT_COMMIT"):
+        return os.environ["VAEPIPE_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

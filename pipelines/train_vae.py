@@ -355,10 +355,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = setup(cfg, plan, device)
 
     skip_batches = 0
+    resumed_from: int | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             skip_batches = load_checkpoint(state, read_checkpoint(d), restore_rng=(rank == 0))
+        resumed_from = state.step
         if rank != 0:
             seed_everything(cfg.train.seed + 1009 * rank + state.step)
     elif plan.init_checkpoint:
@@ -399,6 +401,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "total_steps": stop_at, "train/images_per_s": images_seen / max(now - t_last, 1e-9),
                     "train/skipped_steps": state.skipped_total,
                 })
+                if resumed_from is not None:  # the first report after a restart or --resume says where from
+                    metrics["train/resumed_from_step"], resumed_from = resumed_from, None
                 images_seen, t_last = 0, now
                 pictures = None
                 if end_of_epoch or stopping:

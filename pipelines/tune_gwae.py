@@ -3,8 +3,8 @@ trial, the best trial's model registered as `<name>-gwae`.
 
     vaepipe tune configs/demo.yaml [--space gwae_weights | PATH] [--resume] [--set tune.num_samples=16]
 
-Recipe layout (STYLE habit 5): the driver side is `run_tune` (validate everything → open the MLflow tune run → fit →
-`finish`: result table, plot, pictures, register the best model); the trial side is `train_gwae` (setup →
+Recipe layout (STYLE habit 5): the driver side is `run_tune` (validate everything → open the MLflow tune run →
+fit → `finish`: result table, plot, pictures, register the best model); the trial side is `train_gwae` (setup →
 load_checkpoint → train an epoch → evaluate → save_checkpoint and report), the only code a Tune worker runs. The
 model math lives in `vae/gwae.py`, the metrics in `vae/factor_metrics.py`, the space files in `tune_spaces/`.
 
@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,6 +51,9 @@ MAX_DISCRETE_VALUES = 16  # a factor whose values are this few integers is a cla
 # Per-epoch training averages: train_step's key -> the reported name.
 TRAIN_TERMS = {"loss": "loss", "gw": "loss_gw", "w": "loss_w", "d": "loss_d", "h": "loss_h",
                "critic_w1": "critic_w1", "critic_gp": "critic_gp"}
+# Everything a trial may report (what the MLflow callback logs); `reported_metrics` says which every trial reports.
+METRICS = (*TRAIN_TERMS.values(), "skipped_steps", "distance_coef", "psnr", "auroc", "auroc_recon", "dci",
+           "dci_completeness", "dci_informativeness", "nmi", "ari", "objective", "epoch")
 
 
 class SearchError(RuntimeError):
@@ -67,7 +69,6 @@ class TunePlan:
     config: dict  # the PipelineConfig, as a dict; each trial applies its sampled values to it
     steps_per_epoch: int
     discrete_factors: tuple[int, ...]
-    metrics: tuple[str, ...]  # what every trial reports (the MLflow callback logs these)
 
 
 def load_trial_data(cfg: PipelineConfig, manifest) -> dict[str, np.ndarray]:
@@ -97,33 +98,31 @@ def load_trial_data(cfg: PipelineConfig, manifest) -> dict[str, np.ndarray]:
 
 def discrete_factors(factors: np.ndarray) -> tuple[int, ...]:
     """Columns with at most MAX_DISCRETE_VALUES distinct whole-number values (e.g. the shape class)."""
-    out = []
-    for k in range(factors.shape[1]):
-        values = np.unique(factors[:, k])
-        if len(values) <= MAX_DISCRETE_VALUES and np.all(values == np.round(values)):
-            out.append(k)
-    return tuple(out)
+    columns = (np.unique(factors[:, k]) for k in range(factors.shape[1]))
+    return tuple(k for k, v in enumerate(columns) if len(v) <= MAX_DISCRETE_VALUES and np.all(v == np.round(v)))
 
 
-def reported_metrics(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], data: dict) -> tuple[str, ...]:
+def reported_metrics(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], manifest) -> tuple[str, ...]:
     """The metrics every trial reports (a GMP prior's nmi/ari only when every trial's prior is GMP)."""
-    names = [*TRAIN_TERMS.values(), "skipped_steps", "distance_coef", "psnr", "auroc", "auroc_recon"]
-    if data["eval_factors"].shape[1] >= 2:
-        names += ["dci", "dci_completeness", "dci_informativeness"]
+    skip = set() if manifest.num_factors >= 2 else {"dci", "dci_completeness", "dci_informativeness"}
     prior = space.get("gwae.prior")
-    priors = set(prior.candidates()) if prior is not None else {cfg.gwae.prior}
-    if priors == {"gmp"} and (data["eval_labels"] >= 0).all():
-        names += ["nmi", "ari"]
-    return (*names, "objective", "epoch")
+    if (set(prior.candidates()) if prior else {cfg.gwae.prior}) != {"gmp"} or not manifest.label_names:
+        skip |= {"nmi", "ari"}
+    return tuple(m for m in METRICS if m not in skip)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Trial side.
 
 
-def trial_seed(base: int, sampled: Mapping[str, Any]) -> int:
-    """A seed fixed by the sampled values, so the same point of the space trains the same way in every search."""
-    return (base + zlib.crc32(json.dumps(sampled, sort_keys=True, default=str).encode())) % 2**31
+def trial_seed(base: int, sampled: Mapping[str, Any], trial_id: str) -> int:
+    """A seed fixed by the sampled values and the trial's number, so a search run again (e.g. with and without ASHA)
+    trains each trial the same way, while repeats of one grid point (num_samples > 1) get their own seeds. Random
+    search numbers its trials `<prefix>_00003`; Optuna's ids carry no number and its values do not repeat."""
+    number = trial_id.rsplit("_", 1)[-1]
+    replicate = int(number) if "_" in trial_id and number.isdigit() else 0
+    key = json.dumps(sampled, sort_keys=True, default=str) + f"#{replicate}"
+    return (base + zlib.crc32(key.encode())) % 2**31
 
 
 def _as_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -199,16 +198,6 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_model(directory: Path):
-    """The GWAE of a tune checkpoint, in eval mode."""
-    from vae.gwae import GWAE, GWAEConfig
-
-    payload = load_checkpoint(directory)
-    model = GWAE(GWAEConfig.from_dict(payload["gwae"]))
-    model.load_state_dict(payload["model"])
-    return model.eval()
-
-
 def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
     """One trial: the GWAE of the config with the sampled `config` values applied, trained tune.epochs epochs,
     reporting metrics and a checkpoint after each; a restarted trial continues from its last checkpoint."""
@@ -221,7 +210,7 @@ def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
     t = cfg.tune
     torch.set_num_threads(max(1, int(t.cpus_per_trial)))  # trials share the cores; torch would take them all
     device = torch.device("cuda" if t.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
-    seed = trial_seed(t.seed, config)
+    seed = trial_seed(t.seed, config, tune.get_context().get_trial_id())
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = GWAE(cfg.gwae).to(device)
@@ -251,7 +240,7 @@ def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
 # Driver-side callbacks: the one MLflow writer, and a progress line per result.
 
 
-def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, str], plan: TunePlan, cfg):
+def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, str], cfg: PipelineConfig):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune import Callback
 
@@ -260,7 +249,10 @@ def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, 
     class TrialRuns(MLflowLoggerCallback):
         """Ray's MLflow logger with three changes: trial runs carry a `vaepipe.trial_id` tag; a trial that starts
         again (a retry, or `--resume` in a new process) reattaches to its run instead of opening a second one; and
-        only the trial's own metrics are logged, in one batch per epoch, through the retrying Tracker."""
+        only the trial's own metrics are logged, in one batch per epoch, through the retrying Tracker.
+
+        Tune registers a checkpoint a moment after its result: an epoch reported just before Ctrl+C can be trained
+        again on resume, and then appears twice at its step in the trial's metric history."""
 
         def log_trial_start(self, trial) -> None:
             if trial in self._trial_runs:
@@ -280,7 +272,7 @@ def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, 
             self._trial_runs[trial] = run_id
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-            values = {k: result[k] for k in plan.metrics if isinstance(result.get(k), (int, float))}
+            values = {k: result[k] for k in METRICS if isinstance(result.get(k), (int, float))}
             tracker.log_metrics(self._trial_runs[trial], values, step=int(result["training_iteration"]))
 
         def log_trial_end(self, trial, failed: bool = False) -> None:
@@ -304,7 +296,7 @@ def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, 
                   flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            print(f"[tune] trial {trial.trial_id} FAILED (the search goes on): {_first_line(trial.error_file)}",
+            print(f"[tune] trial {trial.trial_id} FAILED (the search goes on): {_error_line(trial.error_file)}",
                   flush=True)
 
     logger = TrialRuns(tracker.tracking_uri, registry_uri=tracker.registry_uri, experiment_name=experiment,
@@ -312,12 +304,10 @@ def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, 
     return [logger, ProgressLines()]
 
 
-def _first_line(error_file: str | None) -> str:
+def _error_line(error_file: str | None) -> str:
     """The exception line of a trial's error file (its last non-empty line)."""
-    if not error_file or not Path(error_file).exists():
-        return "see the trial's error.txt"
-    lines = [line for line in Path(error_file).read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no message"
+    text = Path(error_file).read_text(errors="replace").strip() if error_file and Path(error_file).exists() else ""
+    return text.splitlines()[-1].strip() if text else "see the trial's error.txt"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +315,7 @@ def _first_line(error_file: str | None) -> str:
 
 
 def check_inputs(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], manifest) -> None:
-    """Everything about the search that can be wrong, refused before Ray starts."""
+    """Everything about the search that can be wrong, refused before Ray starts (and before MLflow is touched)."""
     t = cfg.tune
     for param in space.values():
         if param.section not in SEARCHED_SECTIONS:
@@ -346,10 +336,7 @@ def check_inputs(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], ma
         raise ConfigError(f"tune.ood_class: {t.ood_class} is not a label of {t.data.path} (labels: "
                           f"{', '.join(manifest.label_names) or 'none'}); pick one of them or null for noise")
     tune_spaces.check_values(space, cfg)
-
-
-def check_metrics(cfg: PipelineConfig, metrics: tuple[str, ...]) -> None:
-    t = cfg.tune
+    metrics = reported_metrics(cfg, space, manifest)
     missing = [m for m in [t.metric, *t.objective_weights] if m not in metrics]
     if missing:
         raise ConfigError(
@@ -413,16 +400,24 @@ def run_tune(
     if steps < 1 or t.batch_size < 2:
         raise ConfigError(f"tune.batch_size: {t.batch_size} needs 2 <= batch_size <= the {len(data['train'])} "
                           f"training images (GWAE compares pairs within a batch)")
-    plan = TunePlan(cfg.to_dict(), steps, discrete_factors(data["eval_factors"]), reported_metrics(cfg, space, data))
-    check_metrics(cfg, plan.metrics)
+    plan = TunePlan(cfg.to_dict(), steps, discrete_factors(data["eval_factors"]))
+    space_file = next(iter(space.values())).file
     tracker = tracker or Tracker.connect(cfg.tracking)
     storage = _storage_path(cfg)
+    # A checkpoint per epoch forces an experiment snapshot per epoch (what keeps --resume exact); Ray warns about
+    # the snapshot rate each time, which is noise for short epochs.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    init_ray(ray_address)
+    _check_resources(cfg)
+    trainable = tune.with_resources(tune.with_parameters(train_gwae, plan=plan, data=data),
+                                    {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
     own_parent = False
     if resume:
         run_id, ray_name = _find_interrupted_run(tracker, cfg)
         if not tune.Tuner.can_restore(f"{storage}/{ray_name}"):
             raise ConfigError(f"--resume: no Tune experiment to restore at {storage}/{ray_name} (tune run {run_id}); "
                               f"check tune.storage_path, or run without --resume")
+        tuner = tune.Tuner.restore(f"{storage}/{ray_name}", trainable, resume_errored=True)
         tracker.client.update_run(run_id, status="RUNNING")
         parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
         if parent and parent != parent_run_id and tracker.client.get_run(parent).info.status != "FINISHED":
@@ -436,45 +431,30 @@ def run_tune(
         run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id, dataset_tag=dataset_tag(t.data.path))
         ray_name = f"{cfg.name}-tune-{run_id[:12]}"
         tracker.set_tags(run_id, {"vaepipe.ray_run": ray_name})
-        tracker.log_params(run_id, {"plan.steps_per_epoch": steps, "plan.space_file": space_path_of(space)})
-        tracker.log_artifact(run_id, space_path_of(space), "search_space")
-
-    # A checkpoint per epoch forces an experiment snapshot per epoch (what keeps --resume exact); Ray warns about
-    # the snapshot rate each time, which is noise for short epochs.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    init_ray(ray_address)
+        tracker.log_params(run_id, {"plan.steps_per_epoch": steps, "plan.space_file": space_file})
+        tracker.log_artifact(run_id, space_file, "search_space")
     status = "FAILED"
     try:
-        _check_resources(cfg)
-        trainable = tune.with_resources(tune.with_parameters(train_gwae, plan=plan, data=data),
-                                        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
-        if resume:
-            tuner = tune.Tuner.restore(f"{storage}/{ray_name}", trainable, resume_errored=True)
-        else:
-            tags = {"mlflow.parentRunId": run_id, "vaepipe.stage": "tune-trial", "vaepipe.git_commit": git_commit(),
-                    "vaepipe.pipeline_run": tracker.client.get_run(run_id).data.tags["vaepipe.pipeline_run"],
-                    "vaepipe.dataset": dataset_tag(t.data.path)}
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_spaces.to_tune_space(space),
-                tune_config=tune.TuneConfig(
-                    metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                    max_concurrent_trials=t.max_concurrent_trials, search_alg=_searcher(cfg),
-                    scheduler=_scheduler(cfg), trial_dirname_creator=_trial_dirname,
-                    reuse_actors=True,  # trials share one signature: skip a process start (torch import) each
-                ),
-                run_config=tune.RunConfig(
-                    name=ray_name, storage_path=storage, verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                                            checkpoint_score_attribute=t.metric,
-                                                            checkpoint_score_order=t.mode),
-                    callbacks=_make_callbacks(tracker, run_id, experiment_name(cfg.name), tags, plan, cfg),
-                ),
-            )
-        print(f"[tune] {t.num_samples} trial(s) of {t.epochs} epochs × {steps} steps, space {space_path_of(space)}; "
+        if not resume:
+            trial_tags = {"mlflow.parentRunId": run_id, "vaepipe.stage": "tune-trial", "vaepipe.dataset":
+                          dataset_tag(t.data.path), "vaepipe.git_commit": git_commit(), "vaepipe.pipeline_run":
+                          tracker.client.get_run(run_id).data.tags["vaepipe.pipeline_run"]}
+            callbacks = _make_callbacks(tracker, run_id, experiment_name(cfg.name), trial_tags, cfg)
+            tuner = tune.Tuner(trainable, param_space=tune_spaces.to_tune_space(space),
+                               tune_config=_tune_config(t), run_config=_run_config(t, ray_name, storage, callbacks))
+        print(f"[tune] {t.num_samples} trial(s) of {t.epochs} epochs × {steps} steps, space {space_file}; "
               f"MLflow run {run_id}; Tune experiment {storage}/{ray_name}", flush=True)
         results = tuner.fit()
+        # Tune turns Ctrl+C into an early, normal return, and its in-memory trials then all read as terminated:
+        # the saved experiment state tells a partial search (trials not created, or left pending) from a whole one.
+        expected = t.num_samples * math.prod(len(p.values) for p in space.values() if p.type == "grid")
+        saved = tune.ExperimentAnalysis(f"{storage}/{ray_name}").trials
+        ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
+        if len(saved) < expected or ended < len(saved):
+            message = (f"the search was interrupted after {ended} of {expected} trials; its state is saved: "
+                       f"continue it with `vaepipe tune CONFIG --resume`")
+            print(f"[tune] {message}", flush=True)
+            raise KeyboardInterrupt(message)
         stage_result = finish(cfg, tracker, run_id, results, space, data)
         status = "FINISHED"
         return stage_result
@@ -488,27 +468,35 @@ def run_tune(
             tracker.end_run(parent_run_id, status)
 
 
-def space_path_of(space: Mapping[str, tune_spaces.Param]) -> str:
-    return next(iter(space.values())).where.rsplit(":", 1)[0]
-
-
-def _searcher(cfg: PipelineConfig):
-    if cfg.tune.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        return OptunaSearch(seed=cfg.tune.seed)
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=cfg.tune.seed)
-
-
-def _scheduler(cfg: PipelineConfig):
-    if cfg.tune.scheduler == "none":
-        return None
+def _tune_config(t):
+    """tune.TuneConfig: the metric, Optuna's TPE or seeded random variants (each with its concurrency cap), ASHA."""
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
 
-    t = cfg.tune
-    return ASHAScheduler(max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    if t.search == "optuna":
+        search = {"search_alg": OptunaSearch(seed=t.seed), "max_concurrent_trials": t.max_concurrent_trials}
+    else:  # Tune applies max_concurrent_trials to Searchers only; the variant generator takes its own cap
+        search = {"search_alg": BasicVariantGenerator(max_concurrent=t.max_concurrent_trials, random_state=t.seed)}
+    scheduler = None
+    if t.scheduler == "asha":
+        scheduler = ASHAScheduler(max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    return tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
+                           trial_dirname_creator=_trial_dirname, **search,
+                           reuse_actors=True)  # trials share one signature: skip a process start (torch import) each
+
+
+def _run_config(t, name: str, storage: str, callbacks: list):
+    """ray.tune.RunConfig (not ray.train's): storage, trial retries, the best checkpoints kept, quiet output."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
+                                                checkpoint_score_order=t.mode),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,7 +515,8 @@ def result_table(results, space: Mapping[str, tune_spaces.Param], metric: str, m
     rows = []
     for r in results:
         history = r.metrics_dataframe
-        row: dict[str, Any] = {"trial_id": Path(r.path).name.removeprefix("trial_"), "epochs": 0}
+        row: dict[str, Any] = {"trial_id": Path(r.path).name.removeprefix("trial_"), "epochs": 0,
+                               f"best_{metric}": math.nan}
         row.update({key: (r.config or {}).get(key) for key in space})
         if history is not None and metric in history:
             best = history[metric].max() if mode == "max" else history[metric].min()
@@ -535,30 +524,38 @@ def result_table(results, space: Mapping[str, tune_spaces.Param], metric: str, m
         row.update({k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) and k in _LAST_COLUMNS})
         done = row["epochs"]
         row["outcome"] = "failed" if r.error else ("completed" if done >= epochs else "stopped_early")
-        row["error"] = f"{type(r.error).__name__}: {r.error}".splitlines()[0][:500] if r.error else ""
+        row["error"] = _error_text(r.error) if r.error else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _error_text(error: BaseException) -> str:
+    """`Type: message` of what the trial raised (a RayTaskError wraps it as `.cause`), on one line."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:500]
 
 
 def objective_plot(table, space: Mapping[str, tune_spaces.Param], metric: str) -> bytes:
     """PNG: the best `metric` of each trial against each searched value (log x for loguniform ranges)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg renders the PNG
+    from matplotlib.ticker import NullFormatter
 
     column = f"best_{metric}"
-    ok = table[table["outcome"] != "failed"] if column in table else table.iloc[0:0]
+    ok = table[table["outcome"] != "failed"]
     fig = Figure(figsize=(4 * len(space), 3.4), layout="constrained")
     axes = fig.subplots(1, len(space), squeeze=False)[0]
     for ax, (key, param) in zip(axes, space.items()):
         if param.type in ("choice", "grid"):
             labels = [str(v) for v in param.values]
-            xs = [labels.index(str(v)) for v in ok[key]] if len(ok) else []
+            xs = [labels.index(str(v)) for v in ok[key]]
             ax.set_xticks(range(len(labels)), labels)
         else:
-            xs = list(ok[key]) if len(ok) else []
+            xs = list(ok[key])
             if param.type == "loguniform":
                 ax.set_xscale("log")
-        ys = list(ok[column]) if len(ok) else []
-        ax.scatter(xs, ys, c=["tab:blue" if o == "completed" else "tab:orange" for o in ok["outcome"]])
+                ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short ranges
+            ax.set_xlim(param.low, param.high)  # the whole searched range: shows what the trials covered
+        ax.scatter(xs, list(ok[column]), c=["tab:blue" if o == "completed" else "tab:orange" for o in ok["outcome"]])
         ax.set_xlabel(key)
         ax.set_ylabel(column)
         ax.grid(alpha=0.3)
@@ -571,6 +568,7 @@ def objective_plot(table, space: Mapping[str, tune_spaces.Param], metric: str) -
 def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict) -> StageResult:
     """Log the result table (Parquet, CSV) and plot, list failed trials, load the best trial's best checkpoint, log
     its sample and reconstruction grids and its model, and register it as `<name>-gwae` with alias `candidate`."""
+    from vae.gwae import GWAE, GWAEConfig
     from vae.metrics import reconstruction_grid, sample_grid
 
     t = cfg.tune
@@ -594,8 +592,10 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
     if checkpoint is None:
         raise SearchError(f"the best trial ({best.path}) kept no checkpoint; raise tune.keep_checkpoints")
     with checkpoint.as_directory() as d:
-        model = load_model(Path(d))
-        sampled = load_checkpoint(Path(d))["sampled"]
+        payload = load_checkpoint(Path(d))
+    model, sampled = GWAE(GWAEConfig.from_dict(payload["gwae"])), payload["sampled"]
+    model.load_state_dict(payload["model"])
+    model.eval()
     history = best.metrics_dataframe
     best_row = history.loc[history[t.metric].idxmax() if t.mode == "max" else history[t.metric].idxmin()]
     best_metrics = {f"best/{k}": float(best_row[k]) for k in _LAST_COLUMNS if k in best_row}
@@ -643,8 +643,7 @@ def register(subparsers) -> None:
     p.add_argument("--space", default=None, metavar="NAME_OR_PATH",
                    help=f"search space: a YAML file, or one shipped in tune_spaces/ "
                         f"({', '.join(tune_spaces.shipped_spaces())}); overrides tune.space")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the newest interrupted tune run of this config (errored trials restart from "
-                        "their last checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue the newest interrupted tune run of this config "
+                   "(unfinished and errored trials go on from their last checkpoints)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=_cli)

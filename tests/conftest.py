@@ -44,6 +44,7 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # a fresh local Ray even when a `ray start --head` runs on this machine (test_submit)
         num_cpus=4,
         include_dashboard=False,
         object_store_memory=512 * 1024**2,

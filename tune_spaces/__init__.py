@@ -26,7 +26,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 import yaml
 
@@ -59,6 +59,10 @@ class Param:
     q: float | None = None
     values: tuple = ()
     where: str = ""  # "path:line" of the key, for error messages
+
+    @property
+    def file(self) -> str:
+        return self.where.rsplit(":", 1)[0]
 
     @property
     def section(self) -> str:

@@ -62,7 +62,7 @@ class Conv2d(nn.Conv2d):
         bias: bool = True,
         weight_norm: bool = True,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self.weight_norm = weight_norm
         if weight_norm:
             self.log_weight_norm = nn.Parameter(torch.log(_norms(self.weight.detach()) + _WN_EPS))

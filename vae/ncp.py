@@ -19,10 +19,12 @@ Sampling (`NCPVAE.sample`):
       E(ε) = −Σ_k log r_k(z_k(ε), c_k(ε)) + ½‖ε‖²,   ε ← ε − (η/2)·∇E + √η·n,  n ~ N(0, I),  ε_0 ~ N(0, I).
   Its target is the *jointly* normalised p(z)·Π_k r_k / Z. That equals SIR's per-group normalised product only when no
   Z_k depends on z_<k, which holds at the optimum r_k = q_k/p_k (every Z_k ≡ 1) but not for an arbitrary r.
-- Likelihood (§2.2): log p_NCP(x) ≥ ELBO(x) + Σ_k E_q[log r_k − log Z_k(z_<k)]. Each group's term is exactly the
-  reduction of E_x KL(q(z|x) ‖ ·) from p to p_NCP in that group; `ncp_gain` estimates it with the inner Monte Carlo
-  log Ẑ_k(c) = logmeanexp over S prior draws at each posterior context (only the classifier runs on the draws, so
-  the nested estimate is cheap). E[log Ẑ] ≤ log Z, so the gain is biased upwards by O(1/S).
+- A temperature T scales every σ of the base prior in all three methods; r itself is not tempered.
+
+Likelihood (§2.2): log p_NCP(x) ≥ ELBO(x) + Σ_k E_q[log r_k − log Z_k(z_<k)]. Each group's term is exactly the
+reduction of E_x KL(q(z|x) ‖ ·) from p to p_NCP in that group; `ncp_gain` estimates it with the inner Monte Carlo
+log Ẑ_k(c) = logmeanexp over S prior draws at each posterior context (only the classifier runs on the draws, so the
+nested estimate is cheap). E[log Ẑ] ≤ log Z, so the gain is biased upwards by O(1/S).
 
 Choices where METHODS leaves room, each with its reason:
 - D_k reads [z_k, 1×1 projection of c_k] through residual Swish-conv blocks without normalisation (its output must
@@ -35,7 +37,6 @@ Choices where METHODS leaves room, each with its reason:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -146,17 +147,21 @@ class GroupClassifier(nn.Module):
 
 def context_channels(vae: nn.Module) -> list[int]:
     """Channels C_dec_k of the decoder context of every group, probed with one zero-noise prior pass (no RNG used)."""
-    device = _device(vae)
-    eps = [torch.zeros(1, *shape, device=device) for shape in vae.latent_shapes]
-    with _frozen_pass(vae):
-        steps, _ = vae.prior_path(eps)
+    eps = [torch.zeros(1, *shape, device=_device(vae)) for shape in vae.latent_shapes]
+    was_training = vae.training
+    try:
+        with torch.no_grad():
+            steps, _ = vae.eval().prior_path(eps)  # eval: the probe must not move BN running statistics
+    finally:
+        vae.train(was_training)
     return [int(s.context.shape[1]) for s in steps]
 
 
 def classifier_for(vae: nn.Module, k: int, cfg: NCPConfig) -> GroupClassifier:
     """An untrained D_k sized for group k of `vae` (also how the ncp stage rebuilds one from its state_dict)."""
     _check_group(vae, k)
-    return GroupClassifier(vae.latent_shapes[k], context_channels(vae)[k], cfg.classifier_channels, cfg.classifier_blocks)
+    channels = context_channels(vae)[k]
+    return GroupClassifier(vae.latent_shapes[k], channels, cfg.classifier_channels, cfg.classifier_blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +219,19 @@ def _pair_logits(classifier: GroupClassifier, z_pos: Tensor, z_neg: Tensor, cont
     return logits.chunk(2)
 
 
+def _nce_step(
+    classifier: GroupClassifier, optimizer: torch.optim.Optimizer, z_pos: Tensor, z_neg: Tensor, context: Tensor
+) -> tuple[float, float] | None:
+    """One optimiser step on a balanced batch -> (loss, accuracy); None, and no update, if the loss is non-finite."""
+    loss, accuracy = nce_loss(*_pair_logits(classifier, z_pos, z_neg, context))
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    optimizer.step()
+    return loss.item(), accuracy.item()
+
+
 def train_group_classifier(
     vae: nn.Module,
     k: int,
@@ -227,7 +245,8 @@ def train_group_classifier(
     tensors (B, C, H, W) in [0, 1] or (images, labels) pairs. Every `cfg.eval_every` steps the held-out NCE loss and
     accuracy are measured on fixed pairs from the first `cfg.val_examples` validation images, `progress(step, metrics)`
     receives them as {"train/nce_loss/group_03": ..., "val/accuracy/group_03": ...}, and training stops after
-    `cfg.patience` evaluations without a lower held-out loss. Seeded by (cfg.seed, k) without touching the global RNG.
+    `cfg.patience` evaluations without a lower held-out loss. Runs in a forked RNG seeded with group_seed(cfg, k), so
+    the caller's RNG is untouched; the validation pairs are drawn first (make_pairs chunk by chunk of cfg.batch_size).
 
     Returns the classifier with its best weights (eval mode, on the VAE's device) and the history: lists "step",
     "train_nce_loss", "train_accuracy", "val_nce_loss", "val_accuracy" per evaluation, and "best_step",
@@ -240,10 +259,10 @@ def train_group_classifier(
              for split in ("train", "val") for metric in ("nce_loss", "accuracy")}
     history: dict[str, Any] = {"step": [], **{m: [] for m in names}, "best_step": 0, "best_val_accuracy": math.nan}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed * 100_003 + k)
+        torch.manual_seed(group_seed(cfg, k))
+        val_pairs = _validation_pairs(vae, k, batches_fn("val"), cfg.val_examples, cfg.batch_size, device)
         classifier = classifier_for(vae, k, cfg).to(device)
         optimizer = torch.optim.AdamW(classifier.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        val_pairs = _validation_pairs(vae, k, batches_fn("val"), cfg.val_examples, cfg.batch_size, device)
         step, skipped, in_a_row = 0, 0, 0
         best_loss, best_state, bad_evals, stopped_early = math.inf, copy.deepcopy(classifier.state_dict()), 0, False
         run_loss, run_acc, run_count = 0.0, 0.0, 0
@@ -251,10 +270,8 @@ def train_group_classifier(
             seen = 0
             for x in _image_chunks(batches_fn("train"), cfg.batch_size):
                 seen += 1
-                z_pos, z_neg, context = make_pairs(vae, x.to(device), k)
-                loss, accuracy = nce_loss(*_pair_logits(classifier, z_pos, z_neg, context))
-                optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
+                result = _nce_step(classifier, optimizer, *make_pairs(vae, x.to(device), k))
+                if result is None:
                     skipped, in_a_row = skipped + 1, in_a_row + 1
                     if in_a_row > MAX_CONSECUTIVE_SKIPS:
                         raise RuntimeError(
@@ -262,11 +279,8 @@ def train_group_classifier(
                             f"lower ncp.lr (now {cfg.lr}) or check the VAE for non-finite latents"
                         )
                     continue
-                in_a_row = 0
-                loss.backward()
-                optimizer.step()
-                step += 1
-                run_loss, run_acc, run_count = run_loss + loss.item(), run_acc + accuracy.item(), run_count + 1
+                in_a_row, step = 0, step + 1
+                run_loss, run_acc, run_count = run_loss + result[0], run_acc + result[1], run_count + 1
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val_loss, val_acc = _evaluate(classifier, val_pairs)
                     row = {"train_nce_loss": run_loss / run_count, "train_accuracy": run_acc / run_count,
@@ -291,6 +305,11 @@ def train_group_classifier(
     classifier.eval()
     history.update(best_val_nce_loss=best_loss, stopped_early=stopped_early, steps=step, skipped_steps=skipped)
     return classifier, history
+
+
+def group_seed(cfg: NCPConfig, k: int) -> int:
+    """The seed of group k's classifier training: distinct per group, so parallel tasks draw independent pairs."""
+    return cfg.seed * 100_003 + k
 
 
 def _validation_pairs(
@@ -372,8 +391,11 @@ class NCPVAE(nn.Module):
         if mode not in ("sample", "mean"):
             raise ValueError(f"sample: mode {mode!r} is not 'sample' or 'mean'")
         _, state = self._sample_path(n, method, temperature)
-        dist = self.vae.output_distribution(self.vae.decode(state))
-        return dist.mean() if mode == "mean" else dist.sample()
+        images = []
+        for chunk in state.split(self.cfg.sample_batch_size):  # decoding is the memory peak: one chunk at a time
+            dist = self.vae.output_distribution(self.vae.decode(chunk))
+            images.append(dist.mean() if mode == "mean" else dist.sample())
+        return torch.cat(images)
 
     @torch.no_grad()
     def sample_latents(
@@ -456,7 +478,8 @@ class NCPVAE(nn.Module):
                         f"(now {eta}) or ncp.langevin_steps"
                     )
         steps, state = vae.prior_path(eps, temperature)
-        return [s.z for s in steps], state, self._sum_log_r(steps), {"energy_start": energies[0], "energy_end": energies[-1]}
+        stats = {"energy_start": energies[0], "energy_end": energies[-1]}
+        return [s.z for s in steps], state, self._sum_log_r(steps), stats
 
     # ------------------------------------------------------------------------------------------------------------
     # Normalising constants and the likelihood gain.
@@ -540,17 +563,6 @@ def _chunk_sizes(n: int, size: int) -> list[int]:
     return [min(size, n - start) for start in range(0, n, size)]
 
 
-@contextlib.contextmanager
-def _frozen_pass(vae: nn.Module) -> Iterator[None]:
-    was_training = vae.training
-    vae.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        vae.train(was_training)
-
-
 def _require_eval(vae: nn.Module, name: str) -> None:
     if vae.training:
         raise ValueError(
@@ -565,9 +577,11 @@ def _check_group(vae: nn.Module, k: int) -> None:
 
 
 def _check_classifiers(vae: nn.Module, classifiers: Sequence[nn.Module]) -> None:
-    fix = "train one classifier per group of THIS VAE: train_group_classifier(vae, k, ...) for k in range(vae.num_groups)"
+    fix = "train one classifier per group of THIS VAE (train_group_classifier(vae, k, ...) for each group k)"
     if len(classifiers) != vae.num_groups:
-        raise ValueError(f"NCPVAE: got {len(classifiers)} classifiers for a VAE with {vae.num_groups} latent groups; {fix}")
+        raise ValueError(
+            f"NCPVAE: got {len(classifiers)} classifiers for a VAE with {vae.num_groups} latent groups; {fix}"
+        )
     channels = context_channels(vae)
     for k, clf in enumerate(classifiers):
         if not isinstance(clf, nn.Module):
@@ -592,12 +606,8 @@ def _image_chunks(batches: Iterable, size: int) -> Iterator[Tensor]:
         if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
             raise TypeError(
                 "batches must yield float image tensors (B, C, H, W) in [0, 1] or (images, labels) pairs, got "
-                f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}; convert uint8 images with x.float() / 255"
+                f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}; convert uint8 images with "
+                "x.float() / 255"
             )
         yield from images.split(size)
 
-
-__all__ = [
-    "NCPConfig", "GroupClassifier", "NCPVAE", "classifier_for", "context_channels", "freeze", "make_pairs",
-    "make_all_pairs", "nce_loss", "train_group_classifier",
-]

@@ -1,23 +1,25 @@
 """NVAE: a deep hierarchical VAE (Vahdat & Kautz, "NVAE: A Deep Hierarchical Variational Autoencoder", NeurIPS 2020),
 with σ-VAE decoders (Rybkin et al., ICML 2021) and CR-VAE consistency regularisation (Sinha & Dieng, NeurIPS 2021).
 
-Model (paper Sec. 3, Fig. 2): latents z = (z_1 .. z_L) in groups over spatial scales; the top-down decoder starts
-from a learned constant and visits the groups coarsest scale first. The prior is p(z_1) = N(0, I) and
+Model (paper Sec. 3, Fig. 2): latents z = (z_1 .. z_L) in groups over spatial scales; the top-down decoder
+starts from a learned constant and visits the groups coarsest scale first. The prior is p(z_1) = N(0, I) and
 p(z_l | z_<l) = N(μ_p, σ_p) from the decoder state (ELU, 1×1 conv); the posterior is residual,
-q(z_l | z_<l, x) = N(μ_p + Δμ, σ_p·Δσ) (Eq. 2), with (Δμ, log Δσ) from a 3×3 conv of the bottom-up encoder features
-plus a 1×1 conv of the decoder state. Optional shift-only autoregressive flows act on posterior samples (log-det 0).
+q(z_l | z_<l, x) = N(μ_p + Δμ, σ_p·Δσ) (Eq. 2), (Δμ, log Δσ) from a 3×3 conv of the bottom-up encoder features
+plus a 1×1 conv of the decoder state. Optional shift-only autoregressive flows act on posterior samples
+(log-det 0).
 
-Objective per step (NVAE's training code): recon + β_t·Σ_l γ_l·KL_l + λ_SR·(Σ_conv σ_max(W) + Σ_BN max|γ|), with
+Objective per step (NVAE's training code): recon + β_t·Σ_l γ_l·KL_l + λ_SR·(Σ_conv σ_max(W) + Σ_BN max|γ|),
 β_t the KL warm-up and γ the KL balancing coefficients (`vae.regularizers`). Without flows KL_l is the analytic
 Gaussian KL given the sampled z_<l; with flows it is the single-sample log q(z_l|·) − log p(z_l|·).
 
-CR-NVAE (METHODS 3.2): ELBO(x) + ELBO(t(x)) − λ·Σ_l KL(q(z_l | z_<l, t(x)) ‖ q(z_l | z_<l, x)), z sampled along one
-path from q(·|t(x)) and both conditionals evaluated on the same decoder state. The flows do not see x, so the KL of
-the base Normals equals the KL after the (shared) flow exactly.
+CR-NVAE (METHODS 3.2): ELBO(x) + ELBO(t(x)) − λ·Σ_l KL(q(z_l|z_<l, t(x)) ‖ q(z_l|z_<l, x)), z sampled along
+one path from q(·|t(x)) and both conditionals evaluated on the same decoder state. The flows do not see x, so the KL
+of the base Normals equals the KL after the (shared) flow exactly.
 
-Departures from the released NVAE, each for a stated reason:
-- The pre-process cells are encoder (BN-Swish) cells, as in NVAE's `res_mbconv` recipe; only post-process uses the
-  expansion-3 inverted residual (the decoder side).
+Departures, each for a stated reason:
+- METHODS 1.2 lists expansion-3 inverted-residual cells for pre- and post-process. Pre-process belongs to the
+  encoder, and the `res_mbconv` recipe is "BN-Swish cells in the encoder, depthwise-separable cells in the
+  decoder", so pre-process uses encoder (BN-Swish) cells and only post-process uses the expansion-3 cells.
 - The encoder sees what the likelihood scores: DML inputs are rounded to `num_x_bits`, Bernoulli inputs binarised
   at 0.5 (the Bernoulli decoder scores x > 0.5), Gaussian inputs are left continuous.
 - The top prior is exactly N(0, I) (its raw log σ is set so that exp(clamp(·)) + 1e-2 = 1), not N(0, 1.01²).
@@ -111,38 +113,25 @@ class NVAEConfig(Config):
                     f"resize the data), or lower {self._key('num_preprocess_blocks')} / "
                     f"{self._key('num_latent_scales')}"
                 )
-        if self.num_postprocess_blocks != self.num_preprocess_blocks:
-            raise ConfigError(
-                f"{self._key('num_postprocess_blocks')}: {self.num_postprocess_blocks} must equal "
-                f"{self._key('num_preprocess_blocks')}={self.num_preprocess_blocks} (each post-process block undoes "
-                "one pre-process down-sampling); set both to the same value"
-            )
-        if 2 * self.crop >= min(h, w):
-            raise ConfigError(
-                f"{self._key('crop')}: {self.crop} pixels off each side leaves nothing of a {h}×{w} image; use a crop "
-                f"below {(min(h, w) + 1) // 2} (0 scores the whole image)"
-            )
-        if self.decoder == "dml" and c > 4:
-            raise ConfigError(
-                f"{self._key('decoder')}: 'dml' models 1 to 4 image channels, image_shape has {c}; use a gaussian_* "
-                "decoder for more channels"
-            )
-        if self.ada_groups and self.min_groups_per_scale > self.num_groups_per_scale:
-            raise ConfigError(
-                f"{self._key('min_groups_per_scale')}: {self.min_groups_per_scale} exceeds "
-                f"{self._key('num_groups_per_scale')}={self.num_groups_per_scale}; the floor must not be above the "
-                "finest scale's count"
-            )
-        if self.kl_const_portion + self.kl_anneal_portion > 1.0:
-            raise ConfigError(
-                f"{self._key('kl_anneal_portion')}: {self.kl_anneal_portion} + {self._key('kl_const_portion')} "
-                f"{self.kl_const_portion} > 1, so the KL warm-up would not finish before training ends; lower them"
-            )
-        if self.sr_anneal and self.lambda_sr == 0:
-            raise ConfigError(
-                f"{self._key('sr_anneal')}: annealing needs {self._key('lambda_sr')} > 0 (the schedule is "
-                "log-linear); set lambda_sr (e.g. 1e-2) or sr_anneal=false"
-            )
+        k = self._key
+        checks = [
+            (self.num_postprocess_blocks != self.num_preprocess_blocks, "num_postprocess_blocks",
+             f"must equal {k('num_preprocess_blocks')}={self.num_preprocess_blocks} (each post-process block undoes "
+             "one pre-process down-sampling); set both to the same value"),
+            (2 * self.crop >= min(h, w), "crop",
+             f"leaves nothing of a {h}×{w} image; use a crop below {(min(h, w) + 1) // 2} (0 scores all of it)"),
+            (self.decoder == "dml" and c > 4, "decoder",
+             f"models 1 to 4 image channels, image_shape has {c}; use a gaussian_* decoder"),
+            (self.ada_groups and self.min_groups_per_scale > self.num_groups_per_scale, "min_groups_per_scale",
+             f"exceeds {k('num_groups_per_scale')}={self.num_groups_per_scale}; the floor must not be above it"),
+            (self.kl_const_portion + self.kl_anneal_portion > 1.0, "kl_anneal_portion",
+             f"+ {k('kl_const_portion')}={self.kl_const_portion} > 1: the KL warm-up would outlast training"),
+            (self.sr_anneal and self.lambda_sr == 0, "sr_anneal",
+             f"needs {k('lambda_sr')} > 0 (the annealing is log-linear); set lambda_sr=1e-2 or sr_anneal=false"),
+        ]
+        for failed, name, why in checks:
+            if failed:
+                raise ConfigError(f"{k(name)}: {getattr(self, name)!r} {why}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "NVAEConfig":
@@ -151,7 +140,8 @@ class NVAEConfig(Config):
             raise ConfigError(f"unknown NVAE preset {name!r}; choose one of {', '.join(PRESETS)}")
         unknown = [k for k in overrides if k not in cls.field_names()]
         if unknown:
-            raise ConfigError(f"unknown key nvae.{unknown[0]!r} in preset overrides; known keys: {', '.join(cls.field_names())}")
+            known = ", ".join(cls.field_names())
+            raise ConfigError(f"unknown key nvae.{unknown[0]!r} in preset overrides; known keys: {known}")
         return PRESETS[name].replace(**overrides)
 
 
@@ -265,7 +255,8 @@ class NVAE(nn.Module):
         self._enc_down_after: dict[int, int] = {}  # last encoder group of bottom-up scale s -> down cell s
         for s, groups in enumerate(bottom_up):
             for _ in range(groups):
-                self.enc_groups.append(nn.Sequential(*(EncoderCell(ch, use_se=se) for _ in range(cfg.num_cell_per_cond_enc))))
+                cells = [EncoderCell(ch, use_se=se) for _ in range(cfg.num_cell_per_cond_enc)]
+                self.enc_groups.append(nn.Sequential(*cells))
             if s < n_scales - 1:
                 self._enc_down_after[len(self.enc_groups) - 1] = s
                 self.enc_down.append(EncoderCell(ch, down=True, use_se=se))
@@ -306,7 +297,8 @@ class NVAE(nn.Module):
                 cells.append(DecoderCell(ch, 3, up=i == 0, use_se=se))
                 ch = ch // 2 if i == 0 else ch
         self.postprocess = nn.Sequential(*cells)
-        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, output_channels(cfg.decoder, c_img, cfg.num_mixture_dec), 3, padding=1))
+        out_ch = output_channels(cfg.decoder, c_img, cfg.num_mixture_dec)
+        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, out_ch, 3, padding=1))
         if cfg.decoder == "gaussian_learned":
             self.log_sigma = nn.Parameter(torch.zeros(()))  # σ-VAE's shared learned σ, init 1
         # σ-VAE optimal σ*: a running estimate of log σ* so that sampling needs no data.
@@ -316,11 +308,8 @@ class NVAE(nn.Module):
         self.register_buffer("kl_beta", torch.tensor(1.0))
         self.register_buffer("sr_lambda", torch.tensor(float(cfg.lambda_sr)))
         self.register_buffer("kl_alphas", kl_balance_alphas(self.groups_per_scale, hs), persistent=False)
-        self.spectral = (
-            SpectralRegularizer([w.shape for w in self.sr_weights()], n_power_iterations=cfg.sr_power_iters)
-            if cfg.lambda_sr > 0
-            else None
-        )
+        shapes = [w.shape for w in self.sr_weights()]
+        self.spectral = SpectralRegularizer(shapes, cfg.sr_power_iters) if cfg.lambda_sr > 0 else None
 
     # ----------------------------------------------------------------------------------------------------------
     # Building blocks of the paths, public so that NCP (per-group classifiers, SIR, Langevin) can drive the decoder.
@@ -362,6 +351,7 @@ class NVAE(nn.Module):
         return Normal.residual(prior, delta_mu, delta_log_sigma)
 
     def group_flow(self, k: int, z0: Tensor) -> Tensor:
+        """Group k's posterior flows (identity without flows): base sample z0 -> z, log-det 0."""
         return self.flows[k](z0)
 
     def group_absorb(self, k: int, context: Tensor, z: Tensor) -> Tensor:
@@ -428,7 +418,9 @@ class NVAE(nn.Module):
             state = self.group_absorb(k, context, z)
         return steps, state
 
-    def decode_from_eps(self, eps: list[Tensor], temperature: float = 1.0) -> tuple[OutputDistribution, list[GroupStep]]:
+    def decode_from_eps(
+        self, eps: list[Tensor], temperature: float = 1.0
+    ) -> tuple[OutputDistribution, list[GroupStep]]:
         """Decode prior noise: p(x | z(ε)) and the per-group steps."""
         steps, state = self.prior_path(eps, temperature)
         return self.output_distribution(self.decode(state)), steps
@@ -468,7 +460,7 @@ class NVAE(nn.Module):
         beta = float(self.kl_beta) if self.training else 1.0
         kl_term, gammas = balanced_kl(e.kl, self.kl_alphas, beta, cfg.kl_balance)
         per_example = kl_term - e.log_px
-        stats: dict[str, Tensor] = {"beta": torch.tensor(beta), "gammas": gammas.detach()}
+        stats: dict[str, Tensor] = {"beta": self.kl_beta.new_tensor(beta), "gammas": gammas.detach()}
         if self.training and cfg.cr_lambda > 0:
             e_t = self._elbo(make_transform(cfg.cr_transform)(x), cross=e.feats)
             kl_term_t, _ = balanced_kl(e_t.kl, self.kl_alphas, beta, cfg.kl_balance)
@@ -479,7 +471,7 @@ class NVAE(nn.Module):
             lam = float(self.sr_lambda)
             sr, bn = self.spectral(self.sr_weights()), batchnorm_penalty(self)
             loss = loss + lam * (sr + bn)
-            stats.update(lambda_sr=torch.tensor(lam), sr_loss=sr.detach(), bn_loss=bn.detach())
+            stats.update(lambda_sr=self.sr_lambda.detach().clone(), sr_loss=sr.detach(), bn_loss=bn.detach())
         if cfg.decoder.startswith("gaussian"):
             stats.update(sigma=e.loss_dist.sigma.detach(), equivalent_beta=e.loss_dist.equivalent_beta.detach())
             if self.training and cfg.decoder == "gaussian_optimal":
@@ -496,12 +488,11 @@ class NVAE(nn.Module):
     def set_step(self, step: int, total_steps: int) -> None:
         """Set the KL warm-up β_t and the spectral weight λ_SR for optimiser step `step` of `total_steps`."""
         cfg = self.cfg
-        self.kl_beta.fill_(kl_coefficient(step, total_steps, cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff))
+        warmup = (cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff)
+        self.kl_beta.fill_(kl_coefficient(step, total_steps, *warmup))
         if cfg.lambda_sr > 0:
-            self.sr_lambda.fill_(sr_coefficient(
-                step, total_steps, cfg.lambda_sr, cfg.sr_anneal, cfg.lambda_sr_init,
-                cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff,
-            ))
+            lam = sr_coefficient(step, total_steps, cfg.lambda_sr, cfg.sr_anneal, cfg.lambda_sr_init, *warmup)
+            self.sr_lambda.fill_(lam)
 
     def sr_weights(self) -> list[Tensor]:
         """The effective kernels of every conv layer, in a fixed order: what the spectral regulariser sees."""
@@ -544,10 +535,13 @@ class NVAE(nn.Module):
         --readjust_bn), as the exact average over `num_batches` batches. A batch whose decoder output or statistics
         are non-finite is skipped (its update undone). Leaves the model in eval mode; returns the skipped count."""
         if num_batches < 1 or batch_size < 2:
-            raise ValueError(f"readjust_bn: need num_batches >= 1 and batch_size >= 2, got {num_batches}, {batch_size}")
+            raise ValueError(
+                f"readjust_bn: need num_batches >= 1 and batch_size >= 2 (batch norm), got {num_batches}, {batch_size}"
+            )
         bns = [m for part in (self.dec_groups, self.dec_up, self.postprocess) for m in part.modules()
                if isinstance(m, nn.BatchNorm2d)]
-        original = _bn_stats(bns)
+        buffers = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+        original = [t.clone() for t in buffers]
         momenta = [bn.momentum for bn in bns]
         skipped = 0
         try:
@@ -556,12 +550,11 @@ class NVAE(nn.Module):
                 bn.momentum = None  # cumulative average over the batches
                 bn.reset_running_stats()
             for _ in range(num_batches):
-                before = _bn_stats(bns)
+                before = [t.clone() for t in buffers]
                 _, state = self.prior_path(self.standard_eps(batch_size), temperature)
-                finite = [torch.isfinite(self.decode(state)).all()]
-                finite += [torch.isfinite(t).all() for bn in bns for t in (bn.running_mean, bn.running_var)]
+                finite = [torch.isfinite(self.decode(state)).all()] + [torch.isfinite(t).all() for t in buffers]
                 if not bool(torch.stack(finite).all()):
-                    _load_bn_stats(bns, before)
+                    _copy_into(buffers, before)
                     skipped += 1
             if skipped == num_batches:
                 raise RuntimeError(
@@ -570,7 +563,7 @@ class NVAE(nn.Module):
                     "temperature"
                 )
         except BaseException:
-            _load_bn_stats(bns, original)
+            _copy_into(buffers, original)
             raise
         finally:
             for bn, momentum in zip(bns, momenta):
@@ -581,7 +574,7 @@ class NVAE(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
 
     def _as_scored(self, x: Tensor) -> Tensor:
-        """The input as the likelihood scores it: n-bit levels for DML, binary for Bernoulli, as is for Gaussians."""
+        """The input as the likelihood scores it: n-bit levels (DML), binary (Bernoulli), as is (Gaussians)."""
         if self.cfg.decoder == "dml":
             levels = 2**self.cfg.num_x_bits - 1
             return torch.round(x * levels) / levels
@@ -590,21 +583,18 @@ class NVAE(nn.Module):
         return x
 
     def _check_input(self, x: Tensor) -> None:
-        shape = self.cfg.image_shape
         if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(
-                f"NVAE expects a float tensor in [0, 1], got {getattr(x, 'dtype', type(x))}; convert 8-bit images "
-                "with x.float() / 255"
-            )
-        if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            got = getattr(x, "dtype", type(x))
+            raise TypeError(f"NVAE expects a float tensor in [0, 1], got {got}; convert 8-bit images: x.float() / 255")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.cfg.image_shape:
             raise ValueError(
-                f"NVAE expects images of shape (B, {shape[0]}, {shape[1]}, {shape[2]}) (nvae.image_shape), got "
-                f"{tuple(x.shape)}; resize or pad the data, or set nvae.image_shape={list(x.shape[1:])}"
+                f"NVAE expects images of shape (B, {', '.join(map(str, self.cfg.image_shape))}) (nvae.image_shape), "
+                f"got {tuple(x.shape)}; resize or pad the data, or set nvae.image_shape={list(x.shape[1:])}"
             )
         if not bool(((x >= 0) & (x <= 1)).all()):
             raise ValueError(
-                f"NVAE expects pixel values in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}] "
-                "(or non-finite ones); map [-1, 1] data with (x + 1) / 2"
+                f"NVAE expects pixel values in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}] (or NaN); "
+                "map [-1, 1] data with (x + 1) / 2"
             )
 
     @staticmethod
@@ -616,12 +606,6 @@ class NVAE(nn.Module):
         raise ValueError(f"mode {mode!r} is not 'sample' or 'mean'")
 
 
-def _bn_stats(bns: list[nn.BatchNorm2d]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    return [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
-
-
-def _load_bn_stats(bns: list[nn.BatchNorm2d], stats: list[tuple[Tensor, Tensor, Tensor]]) -> None:
-    for bn, (mean, var, count) in zip(bns, stats):
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-        bn.num_batches_tracked.copy_(count)
+def _copy_into(tensors: list[Tensor], values: list[Tensor]) -> None:
+    for t, v in zip(tensors, values):
+        t.copy_(v)

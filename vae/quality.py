@@ -44,7 +44,9 @@ class FeatureCNN(nn.Module):
     mean pool and a ReLU feature layer.
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32, feature_dim: int = 64) -> None:
+    def __init__(
+        self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32, feature_dim: int = 64
+    ) -> None:
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
@@ -97,32 +99,40 @@ def _shuffle_pixels(x: Tensor, generator: torch.Generator) -> Tensor:
     return x.flatten(2).gather(2, order.unsqueeze(1).expand(b, c, h * w)).view_as(x)
 
 
-def _fit(
+def train_feature_classifier(
     images: Tensor,
     labels: Tensor | None,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    width: int,
-    feature_dim: int,
-    val_fraction: float,
-    seed: int,
+    epochs: int = 15,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    width: int = 32,
+    feature_dim: int = 64,
+    val_fraction: float = 0.1,
+    seed: int = 0,
 ) -> tuple[FeatureCNN, dict[str, Any]]:
-    """Train on labels, or on rotations when labels is None; seeded without touching the global RNG."""
+    """Train a FeatureCNN on images (N, C, H, W) in [0, 1] (on their device) with class labels (N,), or, with
+    labels=None, on rotation prediction; every batch also holds its pixel-shuffled copies as the structureless class.
+    AdamW with a cosine-decayed learning rate; seeded by `seed` without touching the global RNG.
+
+    Returns the model (eval mode) and its history: per epoch "train_loss" and "val_accuracy" (data classes only) on a
+    held-out `val_fraction` of the images, and "task" ("labels" or "rotation").
+    """
     _check_images("images", images)
     n = images.shape[0]
     n_val = int(round(val_fraction * n))
     if not 0.0 <= val_fraction < 1.0 or n - n_val < 2:
-        raise ValueError(f"val_fraction={val_fraction} leaves {n - n_val} of {n} images to train on; use a value in [0, 1)")
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves {n - n_val} of {n} images to train on; use a value in [0, 1)"
+        )
     if epochs < 1 or batch_size < 2:
         raise ValueError(f"epochs={epochs} must be >= 1 and batch_size={batch_size} >= 2 (batch norm needs 2 rows)")
     if labels is None:
         if images.shape[2] != images.shape[3]:
             raise ValueError(
-                f"rotation features need square images (a 90° turn must keep the shape), got {tuple(images.shape[2:])}; "
-                "pad or crop the images, or pass labels"
+                "rotation features need square images (a 90° turn must keep the shape), got "
+                f"{tuple(images.shape[2:])}; pad or crop the images, or pass labels"
             )
         num_classes = ROTATIONS
     else:
@@ -130,7 +140,9 @@ def _fit(
         if len(labels) != n:
             raise ValueError(f"{n} images but {len(labels)} labels; pass one label per image")
         if labels.min() < 0 or len(labels.unique()) < 2:
-            raise ValueError("labels must be class indices >= 0 with at least two classes; pass labels=None for rotations")
+            raise ValueError(
+                "labels must be class indices >= 0 with at least two classes; pass labels=None for rotations"
+            )
         num_classes = int(labels.max()) + 1
     device = images.device
     generator = torch.Generator().manual_seed(seed)
@@ -141,7 +153,8 @@ def _fit(
         torch.manual_seed(seed)
         model = FeatureCNN(images.shape[1:], num_classes, width, feature_dim).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * math.ceil(len(train_idx) / batch_size))
+        total_steps = epochs * math.ceil(len(train_idx) / batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
         for epoch in range(epochs):
             model.train()
             total, count = 0.0, 0
@@ -165,7 +178,8 @@ def _fit(
                 total, count = total + loss.item() * len(idx), count + len(idx)
             history["epoch"].append(epoch + 1)
             history["train_loss"].append(total / max(count, 1))
-            history["val_accuracy"].append(_accuracy(model, images[val_idx], None if labels is None else labels[val_idx]))
+            val_labels = None if labels is None else labels[val_idx]
+            history["val_accuracy"].append(_accuracy(model, images[val_idx], val_labels))
     model.eval()
     history["task"] = "rotation" if labels is None else "labels"
     return model, history
@@ -181,28 +195,10 @@ def _accuracy(model: FeatureCNN, images: Tensor, labels: Tensor | None) -> float
     if labels is None:
         turns = torch.arange(ROTATIONS).repeat_interleave(len(images))
         images, labels = _rotate(images.repeat(ROTATIONS, 1, 1, 1), turns.to(images.device)), turns
-    correct = sum((model(x)[:, :-1].argmax(1).cpu() == y).sum().item() for x, y in zip(images.split(512), labels.split(512)))
+    correct = sum(
+        (model(x)[:, :-1].argmax(1).cpu() == y).sum().item() for x, y in zip(images.split(512), labels.split(512))
+    )
     return correct / len(labels)
-
-
-def train_feature_classifier(
-    images: Tensor,
-    labels: Tensor | None,
-    *,
-    epochs: int = 15,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    weight_decay: float = 1e-4,
-    width: int = 32,
-    feature_dim: int = 64,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-) -> tuple[FeatureCNN, dict[str, Any]]:
-    """Train a FeatureCNN on images (N, C, H, W) in [0, 1] (on their device) with class labels (N,), or, with
-    labels=None, on rotation prediction. Returns the model (eval mode) and its history: per epoch "train_loss" and
-    "val_accuracy" on a held-out `val_fraction` of the images, and "task" ("labels" or "rotation")."""
-    return _fit(images, labels, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, width=width,
-                feature_dim=feature_dim, val_fraction=val_fraction, seed=seed)
 
 
 class SampleQuality(nn.Module):

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -35,6 +41,10 @@ def _data_cfg(path: str):
 
 
 def make_cfg(shapes16: str, store, tmp_path: Path, space: Path, **tune):
+    return load_config(REPO / "configs" / "demo.yaml", cfg_overrides(shapes16, store, tmp_path, space, **tune))
+
+
+def cfg_overrides(shapes16: str, store, tmp_path: Path, space: Path, **tune) -> list[str]:
     """A GWAE small enough for 2 busy cores: z = 4, narrow nets, one critic step, 4 steps of 32 per epoch."""
     overrides = [
         f"tune.data.path={shapes16}", "tune.data.source=shapes", "tune.data.image_size=16", "tune.data.rgb=false",
@@ -44,8 +54,7 @@ def make_cfg(shapes16: str, store, tmp_path: Path, space: Path, **tune):
         f"tune.storage_path={tmp_path / 'ray'}", f"tracking.workdir={store.workdir}",
         f"tracking.tracking_uri={store.tracking_uri}", f"tracking.artifact_location={store.artifact_location}",
     ]
-    overrides += [f"tune.{k}={v}" for k, v in tune.items()]
-    return load_config(REPO / "configs" / "demo.yaml", overrides)
+    return overrides + [f"tune.{k}={v}" for k, v in tune.items()]
 
 
 def write_space(tmp_path: Path, body: str) -> Path:
@@ -66,11 +75,14 @@ def test_discrete_factors_are_the_few_whole_number_columns():
     assert discrete_factors(factors.astype(np.float32)) == (0,)
 
 
-def test_trial_seed_depends_only_on_the_sampled_values():
-    a = trial_seed(0, {"gwae.lambda_w": 0.3, "gwae.prior": "np"})
-    assert a == trial_seed(0, {"gwae.prior": "np", "gwae.lambda_w": 0.3})
-    assert a != trial_seed(0, {"gwae.lambda_w": 0.31, "gwae.prior": "np"}) and a != trial_seed(1, {"gwae.lambda_w": 0.3,
-                                                                                                   "gwae.prior": "np"})
+def test_trial_seed_follows_the_sampled_values_and_the_trial_number_only():
+    point = {"gwae.lambda_w": 0.3, "gwae.prior": "np"}
+    a = trial_seed(0, point, "a1b2c_00001")
+    assert a == trial_seed(0, {"gwae.prior": "np", "gwae.lambda_w": 0.3}, "ffff0_00001")  # another search, same trial
+    assert a != trial_seed(0, point, "a1b2c_00002")  # a repeat of the same grid point
+    assert a != trial_seed(0, {**point, "gwae.lambda_w": 0.31}, "a1b2c_00001") and a != trial_seed(1, point,
+                                                                                                 "a1b2c_00001")
+    assert trial_seed(0, point, "3fa8b2c1") == trial_seed(0, point, "77aa0011")  # Optuna ids carry no number
 
 
 def test_cli_takes_config_space_resume_overrides_and_address():
@@ -176,3 +188,60 @@ def test_a_failing_trial_is_reported_and_the_search_still_finishes(ray_local, sh
     assert mlflow.pytorch.load_model(result.model_uri).config.prior == "np"
     out = capsys.readouterr().out
     assert "FAILED (the search goes on)" in out and "failed trial" in out
+
+
+INTERRUPTED_SEARCH = """
+import json, sys
+from pipelines.config import load_config
+from pipelines.tune_gwae import run_tune
+run_tune(load_config(sys.argv[1], json.loads(sys.argv[2])), ray_address=sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_into_the_same_runs(ray_local, shapes16, mlflow_store, tmp_path):
+    space = write_space(tmp_path, "gwae.lambda_w: {type: loguniform, low: 0.1, high: 10}\n")
+    tune = dict(num_samples=1, epochs=3, search="random", scheduler="none")
+    overrides = cfg_overrides(shapes16, mlflow_store, tmp_path, space, **tune)
+    # The first search runs in its own driver process on the session's Ray and gets Ctrl+C at its second epoch:
+    # by then the first epoch's checkpoint is registered (Tune saves before it trains on).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_SEARCH, str(REPO / "configs" / "demo.yaml"), json.dumps(overrides),
+         ray_local.get_runtime_context().gcs_address],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "epoch 2/3" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+    out = "".join(lines)
+    assert "the search was interrupted after 0 of 1 trials" in out, out[-3000:]
+
+    client = mlflow.MlflowClient(mlflow_store.tracking_uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("vaepipe/demo").experiment_id],
+                                   "tags.`vaepipe.stage` = 'tune'")
+    assert killed.info.status == "KILLED"
+
+    result = run_tune(load_config(REPO / "configs" / "demo.yaml", overrides), resume=True)
+    assert result.run_id == killed.info.run_id
+    tune_run = client.get_run(result.run_id)
+    assert tune_run.info.status == "FINISHED"
+    assert client.get_run(tune_run.data.tags["mlflow.parentRunId"]).info.status == "FINISHED"
+    trials = client.search_runs([tune_run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{result.run_id}'")
+    assert len(trials) == 1  # the interrupted trial went on in its own run, not a second one
+    for run in trials:
+        # Resumed from its checkpoint, not from scratch: epoch 1 ran once. An epoch reported just before Ctrl+C
+        # whose checkpoint Tune had not registered yet runs (and is logged) again.
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "objective")]
+        assert sorted(set(steps)) == [1, 2, 3] and steps.count(1) == 1, steps
+        assert run.info.status == "FINISHED"
+    assert mlflow.pytorch.load_model(result.model_uri).config.z_dim == 4

@@ -138,6 +138,25 @@ def test_iw_nll_chunk_size_follows_memory_budget(toy):
     assert toy.rows_seen[1:] == [8] * 95  # a budget below one copy still runs, one copy per pass
 
 
+class WithActivations(LinearGaussianVAE):
+    """The toy plus one layer whose (B, 120) float64 output stands for a network's activations: 960 bytes per row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(8, 120, dtype=torch.float64)
+
+    def log_weights(self, x: Tensor) -> Tensor:
+        return super().log_weights(x) + 0.0 * self.hidden(x).sum(1)
+
+
+def test_iw_nll_chunk_size_counts_module_activations_on_cpu():
+    model = WithActivations()
+    x = model.sample_x(8, seed=5)
+    per_row = 120 * 8 + 8 * 8  # the hidden layer's output row plus the input row
+    metrics.importance_weighted_nll(model, x, k=30, memory_budget=7 * 8 * per_row + 100)
+    assert model.rows_seen == [4] + [56] * 4 + [16]  # a probe of 4 rows, then chunks of 7 copies
+
+
 def test_iw_nll_is_below_nelbo_and_tightens_with_k(toy):
     torch.manual_seed(6)
     x = toy.sample_x(512, seed=7)

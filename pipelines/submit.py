@@ -1,0 +1,581 @@
+"""Send `vaepipe run CONFIG` to a Ray cluster as a Ray Job, and watch, list and stop jobs.
+
+    vaepipe submit configs/demo.yaml --address http://HEAD:8265 --set train.epochs=5
+    vaepipe jobs status raysubmit_XXXX --address http://HEAD:8265
+    vaepipe jobs logs raysubmit_XXXX --follow        # --address defaults to $RAY_ADDRESS
+
+Everything goes through the Jobs SDK (`ray.job_submission.JobSubmissionClient`), which only speaks HTTP to the
+head's dashboard (port 8265 by default): never the GCS port (6379) or the Ray Client port (10001).
+
+The job's runtime env uploads the project directory (minus `ALWAYS_EXCLUDED`, `.gitignore` and `.rayignore`), asks
+the cluster to `pip install` that uploaded project (so a bare Ray image gets vaepipe, its console script and its
+dependencies; `--no-pip` when the image already has it), and forwards MLflow and cloud credentials found in the
+environment. Secret values are never printed: only a short allow-list of non-secret settings is shown in clear.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from pipelines.cli import UserError, add_config_args
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobDetails, JobSubmissionClient
+
+# The head must answer within this many seconds, or we stop: a wrong address should cost seconds, not minutes.
+CONNECT_TIMEOUT_S = 5.0
+# A head that has just started serves HTTP a few seconds before its job agent can take jobs.
+AGENT_WAIT_S = 60.0
+# Environment variables forwarded to the job when present locally (tracking server, artifact store credentials).
+FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "GOOGLE_")
+# Forwarded settings whose values are not secret and help to read a submission; every other value is masked.
+SHOWN_ENV = frozenset({
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "RAY_AUTH_MODE",
+})
+MASK = "****"
+# pip expands ${VAR} in the requirements file Ray writes on the node; the runtime-env agent sets this variable to
+# the uploaded working directory, so pip installs the project itself, with its console script and dependencies.
+PROJECT_REQUIREMENT = "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"
+# Never uploaded, whatever the working directory's ignore files say (the repo's .rayignore lists them too):
+# data, results and checkpoints belong in storage the cluster reads; .env files hold passwords.
+# Anchored where a bare name would also hit source packages (pipelines/data/ is code, /data/ is data).
+ALWAYS_EXCLUDED = (
+    "/runs/", "/data/", ".venv/", "venv/", ".git/", ".env", "checkpoints/", "mlruns/", "mlartifacts/",
+    "*.db", "*.parquet", "*.ckpt", "*.pt", "*.pth", "*.safetensors", "__pycache__/", "*.egg-info/", ".pytest_cache/",
+)
+TAIL_LINES = 25
+
+
+# ---------------------------------------------------------------------------------------------- addresses
+
+
+def normalize_address(address: str | None) -> str:
+    """The dashboard URL to talk to: `address`, else $RAY_ADDRESS; it must be http(s)://HOST:PORT."""
+    source = "--address"
+    if not address:
+        address = os.environ.get("RAY_ADDRESS", "")
+        source = "$RAY_ADDRESS"
+    if not address:
+        raise UserError(
+            "no Ray cluster given: pass --address http://HEAD:8265 (the head's dashboard) or export "
+            "RAY_ADDRESS=http://HEAD:8265"
+        )
+    address = address.strip().rstrip("/")
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        hint = ""
+        if parts.scheme == "ray":
+            hint = " (ray:// is the Ray Client port; jobs go to the dashboard)"
+        elif address == "auto" or re.fullmatch(r"[\w.-]+:\d+", address):
+            hint = " (HOST:PORT without http:// looks like the GCS address, port 6379; jobs go to the dashboard)"
+        raise UserError(
+            f"{source}={redact_url(address)!r} is not the Ray dashboard's HTTP address{hint}; "
+            f"use http://HEAD:8265 (or https://... behind a proxy)"
+        )
+    return address
+
+
+def redact_url(url: str) -> str:
+    """`url` with any user:password@ replaced, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{MASK}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Every `scheme://user:password@` inside `text` (an entrypoint with --set overrides) masked."""
+    return re.sub(r"://[^/@\s]+@", f"://{MASK}@", text)
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """One bounded HTTP request before the SDK's own, which has no timeout and would hang on a silent host."""
+    import requests
+
+    shown = redact_url(address)
+    try:
+        r = requests.get(f"{address}/api/version", timeout=timeout_s)
+    except requests.exceptions.Timeout:
+        raise UserError(
+            f"the Ray dashboard at {shown} did not answer within {timeout_s:.0f} s; check the address and port "
+            f"(dashboard: 8265 by default), a firewall, or your port-forward "
+            f"(`kubectl port-forward svc/vaepipe-head-svc 8265:8265`)"
+        ) from None
+    except requests.exceptions.RequestException as e:
+        raise UserError(
+            f"cannot reach the Ray dashboard at {shown} ({type(e).__name__}); is the head running "
+            f"(`ray start --head --dashboard-host=0.0.0.0`) and the address right? (--address / $RAY_ADDRESS)"
+        ) from None
+    if r.status_code in (401, 403):
+        raise UserError(
+            f"the Ray cluster at {shown} requires token authentication: export RAY_AUTH_MODE=token and "
+            f"RAY_AUTH_TOKEN (from `ray get-auth-token` on the head, or the cluster's Kubernetes Secret)"
+        )
+    try:
+        ok = r.status_code == 200 and "ray_version" in r.json()
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(
+            f"{shown} answers HTTP but is not a Ray dashboard (GET /api/version gave {r.status_code}); "
+            f"point --address at the head's dashboard port (8265 by default)"
+        )
+
+
+@contextlib.contextmanager
+def _without_address_env() -> Iterator[None]:
+    # The SDK lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is given; an explicit
+    # --address must win, so both are hidden while the client resolves its address.
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> "JobSubmissionClient":
+    """A Jobs SDK client for the head's dashboard, or a UserError within about `timeout_s` seconds."""
+    address = normalize_address(address)
+    _check_reachable(address, timeout_s)
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        with _without_address_env():
+            return JobSubmissionClient(address)
+    except AuthenticationError as e:
+        raise UserError(f"the Ray cluster at {redact_url(address)} refused our credentials: {e}") from None
+    except (ConnectionError, RuntimeError) as e:
+        raise UserError(f"cannot use the Ray Jobs API at {redact_url(address)}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------- runtime env
+
+
+def forwarded_env(environ: Mapping[str, str], extra: Sequence[str] = ()) -> dict[str, str]:
+    """MLFLOW_*/AWS_*/GOOGLE_* variables from `environ`, then `KEY=VALUE` items from --env (which win)."""
+    env = {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            # Never echo the item: it may be a secret with a typo in its name.
+            raise UserError(
+                f"--env expects KEY=VALUE with KEY a variable name (got an item starting with {key[:20]!r}); "
+                f"e.g. --env MLFLOW_TRACKING_URI=http://mlflow:5000"
+            )
+        env[key] = value
+    return env
+
+
+def mask_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Values safe to print: allow-listed settings in clear (credentials in URLs redacted), the rest masked."""
+    return {k: (redact_url(v) if k in SHOWN_ENV else MASK) for k, v in sorted(env.items())}
+
+
+def find_project_root(config_path: Path) -> Path:
+    """The nearest directory above the config holding a pyproject.toml, else the current directory."""
+    for parent in config_path.resolve().parents:
+        if (parent / "pyproject.toml").is_file():
+            return parent
+    return Path.cwd().resolve()
+
+
+def _is_uploaded(working_dir: Path, path: Path) -> bool:
+    """Whether Ray's packaging (ALWAYS_EXCLUDED plus every .gitignore/.rayignore on the way down) keeps `path`."""
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    quiet = logging.getLogger(f"{__name__}.upload_check")  # Ray logs every ignore file it reads at INFO
+    quiet.propagate = False
+    checks = [_get_excludes(working_dir, list(ALWAYS_EXCLUDED))]
+    node = working_dir
+    for part in path.relative_to(working_dir).parts:
+        checks += get_excludes_from_ignore_files(node, include_gitignore=include_gitignore, logger=quiet)
+        node = node / part
+        if any(check(node) for check in checks):
+            return False
+    return True
+
+
+def build_runtime_env(
+    working_dir: str | os.PathLike,
+    env_vars: Mapping[str, str] | None = None,
+    pip: Sequence[str] | None = (PROJECT_REQUIREMENT,),
+) -> dict[str, Any]:
+    """The job's runtime env: the uploaded directory, its pip requirements (None: none) and env vars."""
+    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(ALWAYS_EXCLUDED)}
+    if pip:
+        runtime_env["pip"] = list(pip)
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+    return runtime_env
+
+
+def run_entrypoint(config_rel: str, overrides: Sequence[str] = ()) -> str:
+    """`vaepipe run CONFIG --set ...`, shell-quoted (the job runs it through a shell)."""
+    argv = ["vaepipe", "run", config_rel]
+    for item in overrides:
+        argv += ["--set", item]
+    return shlex.join(argv)
+
+
+def git_commit(directory: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+# -------------------------------------------------------------------------------------------- submission
+
+
+def submit_job(
+    address: str | None,
+    entrypoint: str,
+    runtime_env: Mapping[str, Any] | None = None,
+    *,
+    submission_id: str | None = None,
+    entrypoint_num_cpus: float | None = None,
+    metadata: Mapping[str, str] | None = None,
+    client: "JobSubmissionClient | None" = None,
+    agent_wait_s: float = AGENT_WAIT_S,
+) -> str:
+    """Submit `entrypoint` as a Ray Job with `runtime_env`; return its submission id.
+
+    The address is checked first (fails in seconds when unreachable). A head that is up but whose job agent is
+    still starting ("No available agent") is retried for up to `agent_wait_s` seconds."""
+    client = client or connect(address)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=dict(runtime_env or {}),
+                submission_id=submission_id,
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                metadata=dict(metadata or {}),
+            )
+        except RuntimeError as e:
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            if "already exists" in str(e):
+                raise UserError(
+                    f"a job with submission id {submission_id!r} already exists on this cluster; choose another "
+                    f"--submission-id or leave it out"
+                ) from None
+            raise UserError(f"the cluster refused the job: {e}") from None
+        except ValueError as e:
+            # RuntimeEnv validation (a pip entry, an env var that is not a string, a missing working_dir).
+            raise UserError(f"invalid runtime env for the job: {e}") from None
+
+
+def job_details(client: "JobSubmissionClient", job_id: str) -> "JobDetails":
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as e:
+        if "404" in str(e) or "does not exist" in str(e):
+            raise UserError(
+                f"no job {job_id!r} on this cluster; list them with `vaepipe jobs list --address ...`"
+            ) from None
+        raise UserError(f"cannot read job {job_id!r}: {e}") from None
+
+
+def wait_until_started(client: "JobSubmissionClient", job_id: str, poll_s: float = 0.2) -> tuple[str, float]:
+    """Poll until the job leaves PENDING (its runtime env is set up); return its status and the wait."""
+    start = time.monotonic()
+    while True:
+        status = job_details(client, job_id).status
+        if status.value != "PENDING":
+            return status.value, time.monotonic() - start
+        time.sleep(poll_s)
+
+
+def follow_logs(client: "JobSubmissionClient", job_id: str, out: TextIO) -> None:
+    """Stream the job's stdout/stderr to `out` until the job ends (the Jobs SDK's websocket tail)."""
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(_tail())
+
+
+def wait_until_done(client: "JobSubmissionClient", job_id: str, poll_s: float = 0.2) -> "JobDetails":
+    # The log stream can close a moment before the job's final status is recorded.
+    while True:
+        info = job_details(client, job_id)
+        if info.status.is_terminal():
+            return info
+        time.sleep(poll_s)
+
+
+def tail(text: str, n: int = TAIL_LINES) -> str:
+    return "\n".join(deque(text.rstrip("\n").splitlines(), maxlen=n))
+
+
+def exit_code(info: "JobDetails") -> int:
+    """0 when the job SUCCEEDED; the driver's own exit code when it failed with one; 1 otherwise."""
+    if info.status.value == "SUCCEEDED":
+        return 0
+    code = info.driver_exit_code
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def report_end(client: "JobSubmissionClient", info: "JobDetails", out: TextIO, err: TextIO) -> int:
+    """One line for a success; for anything else the status, Ray's message and the last log lines, on `err`."""
+    job_id = info.submission_id or info.job_id
+    took = ""
+    if info.start_time and info.end_time:
+        took = f" in {(info.end_time - info.start_time) / 1000:.1f} s"
+    code = exit_code(info)
+    if code == 0:
+        print(f"job {job_id} SUCCEEDED{took}", file=out)
+        return 0
+    exit_note = f", exit code {info.driver_exit_code}" if info.driver_exit_code else ""
+    print(f"job {job_id} {info.status.value}{took}{exit_note}: {info.message or ''}".rstrip(": "), file=err)
+    try:
+        logs = client.get_job_logs(job_id)
+    except RuntimeError:
+        logs = ""
+    if logs.strip():
+        print(f"--- last {TAIL_LINES} log lines of {job_id} ---", file=err)
+        print(tail(logs), file=err)
+    return code
+
+
+def follow_job(
+    client: "JobSubmissionClient", job_id: str, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Report when the job starts, stream its logs, and return its exit code (see `exit_code`).
+    `out`/`err` default to the sys.stdout/sys.stderr of the moment of the call."""
+    out, err = out or sys.stdout, err or sys.stderr
+    status, waited = wait_until_started(client, job_id)
+    print(f"job {job_id} {status} after {waited:.1f} s", file=out, flush=True)
+    if status == "RUNNING":
+        follow_logs(client, job_id, out)
+    return report_end(client, wait_until_done(client, job_id), out, err)
+
+
+def follow_up_commands(job_id: str, address: str) -> str:
+    a = shlex.quote(redact_url(address))
+    return (
+        f"  logs:    vaepipe jobs logs {job_id} --address {a} --follow\n"
+        f"  status:  vaepipe jobs status {job_id} --address {a}\n"
+        f"  stop:    vaepipe jobs stop {job_id} --address {a}\n"
+        f"  web:     {redact_url(address)}/#/jobs/{job_id}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _tracking_note(cfg: Any, env: Mapping[str, str]) -> str | None:
+    uri = cfg.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return (
+            "no MLFLOW_TRACKING_URI: the job tracks into sqlite inside its working dir on the head node, which goes "
+            "away with the cluster; export MLFLOW_TRACKING_URI=http://MLFLOW_HOST:5000 (cluster/README.md)"
+        )
+    host = (urlsplit(uri).hostname or "") if "://" in uri else ""
+    if uri.startswith(("sqlite:", "file:", "/")) or host in ("localhost", "127.0.0.1", "::1"):
+        return f"tracking URI {redact_url(uri)} is resolved on the cluster (the head node), not on this machine"
+    return None
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+
+    config = Path(args.config)
+    cfg = load_config(config, args.overrides)  # a bad config stops here, before any network call
+    working_dir = Path(args.working_dir).resolve() if args.working_dir else find_project_root(config)
+    if not working_dir.is_dir():
+        raise UserError(f"--working-dir {str(working_dir)!r} is not a directory")
+    try:
+        config_rel = config.resolve().relative_to(working_dir)
+    except ValueError:
+        raise UserError(
+            f"config {str(config)!r} is outside the uploaded directory {str(working_dir)!r}; move it inside "
+            f"(e.g. under configs/) or pass --working-dir a directory that holds it"
+        ) from None
+    if not _is_uploaded(working_dir, working_dir / config_rel):
+        raise UserError(
+            f"config {config_rel.as_posix()!r} is excluded from the upload (ALWAYS_EXCLUDED, .gitignore or "
+            f".rayignore), so the job could not read it; keep configs under configs/"
+        )
+    env = forwarded_env(os.environ, args.env)
+    metadata = {"vaepipe.config": config_rel.as_posix(), "vaepipe.name": cfg.name}
+    commit = git_commit(working_dir)
+    if commit:
+        metadata["vaepipe.git_commit"] = commit
+        env.setdefault("VAEPIPE_GIT_COMMIT", commit)  # .git is not uploaded: runs read the commit from here
+    pip = ([] if args.no_pip else [PROJECT_REQUIREMENT]) + list(args.pip)
+    runtime_env = build_runtime_env(working_dir, env, pip or None)
+    entrypoint = run_entrypoint(config_rel.as_posix(), args.overrides)
+
+    client = connect(args.address)
+    address = normalize_address(args.address)
+    print(f"submitting `{redact_text(entrypoint)}` to {redact_url(address)}")
+    print(f"  working dir: {working_dir} (without {', '.join(ALWAYS_EXCLUDED[:4])}, ...; see .rayignore)")
+    print(f"  pip: {', '.join(pip) if pip else '(none: the cluster image provides vaepipe)'}")
+    if env:
+        print("  env: " + ", ".join(f"{k}={v}" for k, v in mask_env(env).items()))
+    note = _tracking_note(cfg, env)
+    if note:
+        print(f"  note: {note}", file=sys.stderr)
+    job_id = submit_job(
+        address,
+        entrypoint,
+        runtime_env,
+        submission_id=args.submission_id,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+        metadata=metadata,
+        client=client,
+    )
+    print(f"job {job_id} submitted")
+    print(follow_up_commands(job_id, address), flush=True)
+    if args.no_wait:
+        return 0
+    try:
+        return follow_job(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (stop it with `vaepipe jobs stop {job_id}`)",
+              file=sys.stderr)
+        return 130
+
+
+def _fmt_time(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _jobs_status(args: argparse.Namespace) -> int:
+    info = job_details(connect(args.address), args.job_id)
+    env_names = sorted(((info.runtime_env or {}).get("env_vars") or {}).keys())
+    rows = [
+        ("job", info.submission_id or info.job_id),
+        ("status", info.status.value),
+        ("message", info.message or ""),
+        ("entrypoint", redact_text(info.entrypoint)),
+        ("started", _fmt_time(info.start_time)),
+        ("ended", _fmt_time(info.end_time)),
+        ("driver exit code", "" if info.driver_exit_code is None else str(info.driver_exit_code)),
+        ("env vars", ", ".join(env_names)),  # names only: the values may be credentials
+    ]
+    rows += [(k, v) for k, v in sorted((info.metadata or {}).items()) if k.startswith("vaepipe.")]
+    for key, value in rows:
+        if value:
+            print(f"{key + ':':18}{value}")
+    return 0
+
+
+def _jobs_logs(args: argparse.Namespace) -> int:
+    client = connect(args.address)
+    job_details(client, args.job_id)  # an unknown id gets a clear error before any log request
+    if not args.follow:
+        sys.stdout.write(client.get_job_logs(args.job_id))
+        return 0
+    try:
+        follow_logs(client, args.job_id, sys.stdout)
+    except KeyboardInterrupt:
+        return 130
+    return report_end(client, wait_until_done(client, args.job_id), sys.stdout, sys.stderr)
+
+
+def _jobs_stop(args: argparse.Namespace, wait_s: float = 30.0) -> int:
+    client = connect(args.address)
+    info = job_details(client, args.job_id)
+    if info.status.is_terminal():
+        print(f"job {args.job_id} already ended: {info.status.value}")
+        return 0
+    client.stop_job(args.job_id)
+    deadline = time.monotonic() + wait_s
+    while not info.status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        info = job_details(client, args.job_id)
+    print(f"job {args.job_id} {info.status.value if info.status.is_terminal() else 'stopping'}")
+    return 0
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    jobs = connect(args.address).list_jobs()
+    jobs = [j for j in jobs if j.submission_id]  # drivers started by `ray.init` on the head are not jobs
+    jobs.sort(key=lambda j: j.start_time or 0)
+    print(f"{'JOB':32} {'STATUS':10} {'STARTED':19}  ENTRYPOINT")
+    for j in jobs:
+        entry = redact_text(j.entrypoint)
+        entry = entry if len(entry) <= 70 else entry[:67] + "..."
+        print(f"{j.submission_id:32} {j.status.value:10} {_fmt_time(j.start_time):19}  {entry}")
+    return 0
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the head's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `vaepipe submit` and `vaepipe jobs status|logs|stop|list`."""
+    p = subparsers.add_parser(
+        "submit",
+        help="run `vaepipe run CONFIG` on a Ray cluster as a Ray Job and follow it",
+        description="Validate CONFIG locally, upload the project, and run `vaepipe run CONFIG --set ...` on the "
+        "cluster as a Ray Job; prints the job id, follows its logs and exits with the job's status.",
+    )
+    add_config_args(p)
+    _add_address(p)
+    p.add_argument("--no-wait", action="store_true", help="return after printing the job id")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable; values are never printed)")
+    p.add_argument("--pip", action="append", default=[], metavar="PKG", help="extra pip requirement (repeatable)")
+    p.add_argument("--no-pip", action="store_true",
+                   help="do not pip-install the project on the cluster (its image already has vaepipe)")
+    p.add_argument("--working-dir", default=None, metavar="DIR",
+                   help="directory to upload and run in (default: the project root holding the config)")
+    p.add_argument("--submission-id", default=None, metavar="ID", help="job id to use (default: generated)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None, metavar="N",
+                   help="CPUs reserved for the `vaepipe run` driver itself")
+    p.set_defaults(func=_submit)
+
+    jobs = subparsers.add_parser("jobs", help="status, logs, stop and list of Ray Jobs on a cluster")
+    jsub = jobs.add_subparsers(dest="jobs_cmd", required=True, metavar="ACTION")
+    for name, func, text in (
+        ("status", _jobs_status, "show a job's status, timing and vaepipe metadata"),
+        ("logs", _jobs_logs, "print a job's logs"),
+        ("stop", _jobs_stop, "stop a running job"),
+    ):
+        q = jsub.add_parser(name, help=text)
+        q.add_argument("job_id", metavar="JOB_ID")
+        _add_address(q)
+        if name == "logs":
+            q.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+        q.set_defaults(func=func)
+    q = jsub.add_parser("list", help="list the jobs submitted to the cluster")
+    _add_address(q)
+    q.set_defaults(func=_jobs_list)

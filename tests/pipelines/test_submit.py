@@ -1,0 +1,387 @@
+"""`vaepipe submit` and `vaepipe jobs`: address checks, env forwarding and masking, upload exclusions, and real
+Ray Jobs on a real head started with `ray start --head` on loopback (the `slow` tests).
+
+The head is a separate Ray from the in-process `ray_local` fixture: this module only talks to it over HTTP. It
+is started in its own process group and torn down by signalling that group (never `ray stop`, which would kill
+every Ray on a shared machine, including other test sessions').
+"""
+from __future__ import annotations
+
+import argparse
+import http.server
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines import submit
+from pipelines.cli import UserError, _user_error_types
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(argv: list[str]) -> int:
+    """`vaepipe ...` through the same parser shape and error handling as pipelines.cli.main."""
+    parser = argparse.ArgumentParser(prog="vaepipe")
+    submit.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_error_types() as e:
+        print(f"vaepipe: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------------------------ without a cluster
+
+
+def test_address_comes_from_flag_or_ray_address_and_must_be_the_dashboard(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert submit.normalize_address("http://10.0.0.5:8265/") == "http://10.0.0.5:8265"
+    with pytest.raises(UserError, match="--address http://HEAD:8265"):
+        submit.normalize_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert submit.normalize_address(None) == "http://head:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with pytest.raises(UserError, match=r"\$RAY_ADDRESS.*GCS address"):
+        submit.normalize_address(None)
+    with pytest.raises(UserError, match="Ray Client port"):
+        submit.normalize_address("ray://head:10001")
+    with pytest.raises(UserError) as e:
+        submit.normalize_address("ray://alice:hunter2@head:10001")
+    assert "hunter2" not in str(e.value)
+
+
+def test_unreachable_head_fails_fast_naming_the_address():
+    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=f"cannot reach the Ray dashboard at {address}"):
+        submit.submit_job(address, "echo never", {})
+    assert time.monotonic() - t0 < 10
+
+
+def test_silent_head_times_out_instead_of_hanging():
+    with socket.socket() as srv:  # accepts connections (backlog) but never answers
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        address = f"http://127.0.0.1:{srv.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=f"{address} did not answer within 1 s"):
+            submit.connect(address, timeout_s=1.0)
+        assert time.monotonic() - t0 < 5
+
+
+def test_an_http_server_that_is_not_ray_is_refused():
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 for everything
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(UserError, match="not a Ray dashboard"):
+            submit.connect(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=2.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_credentials_are_forwarded_but_masked():
+    environ = {
+        "MLFLOW_TRACKING_URI": "http://bob:pw123@mlflow:5000",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json",
+        "HOME": "/root",
+    }
+    env = submit.forwarded_env(environ, ["MY_TOKEN=tok-999", "AWS_SECRET_ACCESS_KEY=override-secret"])
+    assert env == {
+        "MLFLOW_TRACKING_URI": "http://bob:pw123@mlflow:5000",
+        "AWS_SECRET_ACCESS_KEY": "override-secret",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json",
+        "MY_TOKEN": "tok-999",
+    }
+    shown = submit.mask_env(env)
+    assert shown["MLFLOW_TRACKING_URI"] == "http://****@mlflow:5000"
+    assert shown["AWS_SECRET_ACCESS_KEY"] == shown["MY_TOKEN"] == submit.MASK
+    assert not any(s in repr(shown) for s in ("pw123", "override-secret", "tok-999", "sa.json"))
+    assert submit.redact_text("vaepipe run c.yaml --set tracking.tracking_uri=https://u:pw9@h:5000") == (
+        "vaepipe run c.yaml --set tracking.tracking_uri=https://****@h:5000")
+    with pytest.raises(UserError, match="KEY=VALUE") as e:
+        submit.forwarded_env({}, ["no-equals-sign-secretvalue"])
+    assert "secretvalue" not in str(e.value)
+
+
+def test_runtime_env_and_entrypoint_are_what_ray_accepts(tmp_path):
+    from ray.runtime_env import RuntimeEnv
+
+    env = submit.build_runtime_env(tmp_path, {"MLFLOW_TRACKING_URI": "http://m:5000"}, [submit.PROJECT_REQUIREMENT])
+    parsed = RuntimeEnv(**env)  # Ray's own validation, as submit_job runs it
+    assert parsed["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]
+    assert parsed["env_vars"] == {"MLFLOW_TRACKING_URI": "http://m:5000"}
+    assert "/runs/" in parsed["excludes"] and ".venv/" in parsed["excludes"]
+    assert "pip" not in submit.build_runtime_env(tmp_path, {}, None)
+    cmd = submit.run_entrypoint("configs/my demo.yaml", ["train.epochs=2", "name=a b"])
+    assert shlex.split(cmd) == [
+        "vaepipe", "run", "configs/my demo.yaml", "--set", "train.epochs=2", "--set", "name=a b"]
+
+
+def test_repo_rayignore_keeps_runs_venv_data_and_checkpoints_out():
+    lines = {ln.strip() for ln in (REPO / ".rayignore").read_text().splitlines() if ln.strip() and ln[0] != "#"}
+    assert set(submit.ALWAYS_EXCLUDED) <= lines, "keep .rayignore and submit.ALWAYS_EXCLUDED in step"
+    kept = lambda rel: submit._is_uploaded(REPO, REPO / rel)  # noqa: E731
+    for rel in ("runs/mlflow.db", "runs/data/digits16/dataset.json", ".venv/bin/python", "data/x.parquet",
+                "checkpoints/step_100/model.pt", "mlruns/0/meta.yaml", ".git/HEAD", "cluster/mlflow/.env"):
+        assert not kept(rel), rel
+    for rel in ("configs/demo.yaml", "pipelines/data/prepare.py", "vae/nvae.py", "pyproject.toml",
+                "cluster/mlflow/.env.example", "cluster/kuberay/rayjob.yaml"):
+        assert kept(rel), rel
+
+
+def test_bad_config_or_config_outside_upload_stops_before_any_network(tmp_path, capfd):
+    dead = f"http://127.0.0.1:{_free_port()}"  # were the address tried, the error would name it instead
+    assert _cli(["submit", str(REPO / "configs/demo.yaml"), "--set", "train.epochs=0", "--address", dead]) == 2
+    assert "train.epochs" in capfd.readouterr().err
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='p'\n")
+    (tmp_path / ".gitignore").write_text("/runs/\n")
+    (tmp_path / "runs").mkdir()
+    shutil.copy(REPO / "configs/demo.yaml", tmp_path / "runs/demo.yaml")
+    assert _cli(["submit", str(tmp_path / "runs/demo.yaml"), "--address", dead]) == 2
+    assert "excluded from the upload" in capfd.readouterr().err
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.yaml"
+    shutil.copy(REPO / "configs/demo.yaml", outside)
+    assert _cli(["submit", str(outside), "--address", dead, "--working-dir", str(tmp_path)]) == 2
+    assert "outside the uploaded directory" in capfd.readouterr().err
+
+
+def test_cli_registers_submit_and_jobs():
+    from pipelines import cli
+
+    choices = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "submit" not in choices:
+        pytest.skip("pipelines/cli.py does not call pipelines.submit.register(sub) yet")
+    assert "jobs" in choices
+    with pytest.raises(SystemExit) as e:
+        cli.main(["submit", "--help"])
+    assert e.value.code == 0
+
+
+# ------------------------------------------------------------------------------- with a real Ray head
+
+
+@dataclass
+class Head:
+    address: str
+    temp_dir: str
+
+
+def _kill_leftovers(marker: str) -> None:
+    """Processes of this head that left its process group (Ray gives some their own): found by the head's
+    unique temp dir in their command line, stopped by pid."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` on loopback with its own ports, temp dir and process group, token auth off."""
+    temp_dir = tempfile.mkdtemp(prefix="vps", dir="/tmp")  # short: unix socket paths are limited to ~107 chars
+    dash = _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{VENV_BIN}:{os.environ['PATH']}")  # jobs find `python` and `vaepipe` of this venv
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        # Every other listening port explicit too: the defaults (52365, 10001, ...) clash with other local Rays.
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+        "--num-cpus=2", f"--object-store-memory={200 * 1024**2}", f"--temp-dir={temp_dir}",
+    ]
+    log = open(Path(temp_dir) / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}: {Path(log.name).read_text()[-3000:]}")
+            try:
+                submit.connect(address, timeout_s=1.0)
+                break
+            except UserError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield Head(address, temp_dir)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=3)  # a graceful drain can take 30 s; the head holds nothing worth waiting for
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        _kill_leftovers(temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A small project to upload, with the directories the upload must leave behind."""
+    (tmp_path / "hello.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        time.sleep(1)  # long enough for the test to see RUNNING
+        files = sorted(os.path.relpath(os.path.join(d, f), ".") for d, _, fs in os.walk(".") for f in fs)
+        print("hello from vaepipe")
+        print("uploaded:", " ".join(files))
+        print("secret delivered:", os.environ.get("AWS_SECRET_ACCESS_KEY") == "sekrit-42")
+        print("auth mode:", os.environ.get("RAY_AUTH_MODE"))
+        for i in range(40):
+            print(f"log line {i}")
+        sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    """))
+    for rel in ("runs/mlflow.db", "data/big.bin", ".venv/bin/python", "checkpoints/c.pt", "sub/model.ckpt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_job_succeeds_streams_its_logs_and_gets_the_env(ray_head, project, capfd):
+    env = submit.forwarded_env({"AWS_SECRET_ACCESS_KEY": "sekrit-42", "PATH": "/x"})
+    client = submit.connect(ray_head.address)
+    t0 = time.monotonic()
+    job_id = submit.submit_job(ray_head.address, "python hello.py", submit.build_runtime_env(project, env, None),
+                               client=client, metadata={"vaepipe.config": "none"})
+    status, waited = submit.wait_until_started(client, job_id, poll_s=0.05)
+    to_running = time.monotonic() - t0
+    assert status == "RUNNING"
+    code = submit.follow_job(client, job_id)
+    out = capfd.readouterr().out
+    with capfd.disabled():
+        print(f"\n[figure] submit -> RUNNING on the local head: {to_running:.2f} s "
+              f"(of which after submit_job returned: {waited:.2f} s)")
+    assert code == 0
+    assert "hello from vaepipe" in out and f"job {job_id} SUCCEEDED" in out
+    assert "secret delivered: True" in out and "auth mode: disabled" in out
+    uploaded = next(ln for ln in out.splitlines() if ln.startswith("uploaded:")).split()[1:]
+    assert "hello.py" in uploaded
+    left_behind = ("runs", "data", ".venv", "checkpoints")
+    assert not [f for f in uploaded if f.split("/")[0] in left_behind or f.endswith(".ckpt")]
+
+    assert _cli(["jobs", "status", job_id, "--address", ray_head.address]) == 0
+    status_out = capfd.readouterr().out
+    assert "SUCCEEDED" in status_out and "AWS_SECRET_ACCESS_KEY" in status_out and "vaepipe.config" in status_out
+    assert "sekrit-42" not in status_out
+    assert _cli(["jobs", "logs", job_id, "--address", ray_head.address]) == 0
+    assert "log line 39" in capfd.readouterr().out
+    assert _cli(["jobs", "logs", job_id, "--address", ray_head.address, "--follow"]) == 0
+    assert f"job {job_id} SUCCEEDED" in capfd.readouterr().out
+    assert _cli(["jobs", "list", "--address", ray_head.address]) == 0
+    listing = capfd.readouterr().out
+    assert job_id in listing and "python hello.py" in listing
+
+
+@pytest.mark.slow
+def test_failing_job_exits_non_zero_with_its_last_log_lines(ray_head, project, capfd):
+    client = submit.connect(ray_head.address)
+    t0 = time.monotonic()
+    job_id = submit.submit_job(ray_head.address, "python hello.py 3", submit.build_runtime_env(project, {}, None),
+                               client=client)
+    assert submit.wait_until_started(client, job_id, poll_s=0.05)[0] == "RUNNING"
+    with capfd.disabled():
+        print(f"\n[figure] submit -> RUNNING on a warm head (second job): {time.monotonic() - t0:.2f} s")
+    assert submit.follow_job(client, job_id) == 3
+    err = capfd.readouterr().err
+    assert f"job {job_id} FAILED" in err and "exit code 3" in err
+    assert f"last {submit.TAIL_LINES} log lines" in err and "log line 39" in err
+    assert "log line 0\n" not in err  # only the tail
+    assert _cli(["jobs", "logs", job_id, "--address", ray_head.address, "--follow"]) == 3
+    assert _cli(["jobs", "status", "raysubmit_does_not_exist", "--address", ray_head.address]) == 2
+    assert "no job 'raysubmit_does_not_exist'" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_no_wait_returns_at_once_masks_secrets_and_stop_works(ray_head, tmp_path, capfd, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='p'\n")
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs/demo.yaml", tmp_path / "configs/demo.yaml")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-aws-1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:sekrit-pw@mlflow.example:5000")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # an explicit --address must win over it
+    t0 = time.monotonic()
+    code = _cli(["submit", str(tmp_path / "configs/demo.yaml"), "--address", ray_head.address, "--no-wait",
+                 "--no-pip", "--set", "train.epochs=1", "--env", "MY_API_TOKEN=sekrit-tok",
+                 "--submission-id", "vaepipe-test-nowait"])
+    took = time.monotonic() - t0
+    captured = capfd.readouterr()
+    with capfd.disabled():
+        print(f"\n[figure] vaepipe submit --no-wait returned in {took:.2f} s")
+    assert code == 0 and took < 10
+    out = captured.out + captured.err
+    assert "job vaepipe-test-nowait submitted" in out
+    assert "vaepipe jobs logs vaepipe-test-nowait" in out and "vaepipe jobs stop vaepipe-test-nowait" in out
+    assert "`vaepipe run configs/demo.yaml --set train.epochs=1`" in out
+    assert "AWS_SECRET_ACCESS_KEY=****" in out and "MY_API_TOKEN=****" in out
+    assert "MLFLOW_TRACKING_URI=http://****@mlflow.example:5000" in out
+    assert "sekrit" not in out
+
+    assert _cli(["jobs", "stop", "vaepipe-test-nowait", "--address", ray_head.address]) == 0
+    assert "job vaepipe-test-nowait" in capfd.readouterr().out
+    client = submit.connect(ray_head.address)
+    assert client.get_job_status("vaepipe-test-nowait").is_terminal()
+    assert _cli(["submit", str(tmp_path / "configs/demo.yaml"), "--address", ray_head.address, "--no-wait",
+                 "--no-pip", "--submission-id", "vaepipe-test-nowait"]) == 2
+    assert "already exists" in capfd.readouterr().err
+
+
+def _run_command_exists() -> bool:
+    out = subprocess.run([str(VENV_BIN / "vaepipe"), "run", "--help"], capture_output=True, text=True)
+    return out.returncode == 0
+
+
+@pytest.mark.slow
+def test_real_pipeline_run_through_submit(ray_head, capfd):
+    if not _run_command_exists():
+        pytest.skip("`vaepipe run` is not in the CLI yet (pipelines/cli.py)")
+    t0 = time.monotonic()
+    code = _cli(["submit", str(REPO / "configs/demo.yaml"), "--address", ray_head.address, "--no-pip",
+                 "--set", "train.epochs=1", "--set", "train.num_workers=1", "--set", "stages=[train]"])
+    took = time.monotonic() - t0
+    out = capfd.readouterr()
+    with capfd.disabled():
+        print(f"\n[figure] vaepipe submit of the demo (1 epoch, train only) finished in {took:.1f} s; last lines:")
+        print(submit.tail(out.out, 12))
+    assert code == 0, out.err[-3000:]
+    assert "RUNNING after" in out.out and "SUCCEEDED" in out.out

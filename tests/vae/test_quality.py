@@ -1,0 +1,133 @@
+"""vae.quality on scikit-learn's digits at 16×16: the in-project feature classifier learns the digits, and its scores
+order real, blurred, noise and mode-collapsed sample sets the way sample quality should be ordered."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+from vae.quality import FeatureCNN, SampleQuality, train_feature_classifier
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for these tiny CNNs: on the shared 2-core machine two threads spin against the other
+    engineers' jobs and run many times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """(1797, 1, 16, 16) in [0, 1] (bilinear ×2 of value/16) and labels, split 1200 train / 597 test (seeded)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1200], perm[1200:]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+@pytest.fixture(scope="module")
+def labelled(digits):
+    (x, y), _ = digits
+    return SampleQuality.fit(x, y, width=16, epochs=15, seed=1)
+
+
+@pytest.fixture(scope="module")
+def sets(digits):
+    """Real images split in two halves, and fakes: uniform noise, blurred real images, and only the digit 0."""
+    _, (x, y) = digits
+    real, other = x[:300], x[300:]
+    g = torch.Generator().manual_seed(2)
+    return {
+        "real": real,
+        "other": other,
+        "noise": torch.rand(other.shape, generator=g),
+        "blur": gaussian_blur(other, kernel_size=5, sigma=1.5),
+        "zeros": x[y == 0],
+    }
+
+
+def test_classifier_learns_the_digits(labelled, digits):
+    _, (x_test, y_test) = digits
+    assert labelled.task == "labels"
+    assert labelled.history["val_accuracy"][-1] > 0.9
+    probs = labelled.probabilities(x_test)
+    assert probs.shape == (len(x_test), 11)  # ten digits and the structureless class
+    assert torch.allclose(probs.sum(1), torch.ones(len(x_test)), atol=1e-5)
+    accuracy = (probs[:, :10].argmax(1) == y_test).float().mean().item()
+    assert accuracy > 0.93  # chance is 0.1
+
+
+def test_fid_separates_real_from_noise_and_blur(labelled, sets):
+    score = {name: labelled.score(sets["real"], sets[name]) for name in ("other", "noise", "blur", "zeros")}
+    fid = {name: s["fid"] for name, s in score.items()}
+    assert labelled.score(sets["real"], sets["real"])["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert fid["other"] < fid["noise"] / 20
+    assert fid["other"] < fid["blur"] / 10
+    assert fid["other"] < fid["zeros"] / 20  # one class only is far from the data's mixture of ten
+
+
+def test_precision_recall_behave(labelled, sets):
+    real = labelled.score(sets["real"], sets["other"])
+    noise = labelled.score(sets["real"], sets["noise"])
+    blur = labelled.score(sets["real"], sets["blur"])
+    collapsed = labelled.score(sets["real"], sets["zeros"])
+    assert real["precision"] > 0.8 and real["recall"] > 0.8
+    assert noise["precision"] < 0.1 and noise["recall"] < 0.1
+    assert blur["precision"] < real["precision"] - 0.2
+    # Mode collapse: every sample is a good digit (high precision), most of the data is not covered (low recall).
+    assert collapsed["precision"] > 0.8 and collapsed["recall"] < 0.3
+
+
+def test_mean_max_prob_higher_for_real_than_noise(labelled, sets):
+    real = labelled.score(sets["real"], sets["other"])["mean_max_prob"]
+    noise = labelled.score(sets["real"], sets["noise"])["mean_max_prob"]
+    assert real > 0.75 and noise < real - 0.5
+
+
+def test_rotation_fallback_without_labels(digits, sets):
+    (x, _), _ = digits
+    quality = SampleQuality.fit(x, None, width=16, epochs=10, seed=3)
+    assert quality.task == "rotation" and quality.history["task"] == "rotation"
+    assert quality.history["val_accuracy"][-1] > 0.7  # four rotations: chance is 0.25 (0, 1 and 8 are symmetric-ish)
+    real = quality.score(sets["real"], sets["other"])
+    noise = quality.score(sets["real"], sets["noise"])
+    blur = quality.score(sets["real"], sets["blur"])
+    assert real["fid"] < noise["fid"] / 20 and real["fid"] < blur["fid"] / 5
+    assert noise["precision"] < 0.1 and real["precision"] > 0.8
+    assert real["mean_max_prob"] > noise["mean_max_prob"] + 0.3
+
+
+def test_features_shape_pickle_and_frozen_statistics(labelled, sets):
+    feats = labelled.features(sets["real"][:10])
+    assert feats.shape == (10, 64) and feats.dtype == torch.float32
+    clone = pickle.loads(pickle.dumps(labelled))
+    assert torch.equal(clone.features(sets["real"][:10]), feats)
+    labelled.train()  # the extractor's batch norm must keep scoring with its running statistics
+    assert labelled.classifier.training is False
+    assert torch.equal(labelled.features(sets["real"][:10]), feats)
+
+
+def test_bad_inputs_name_the_fix(labelled, digits):
+    (x, y), _ = digits
+    with pytest.raises(ValueError, match="trained on \\(1, 16, 16\\)"):
+        labelled.features(torch.rand(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="x.float\\(\\) / 255"):
+        labelled.features((x[:4] * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="one label per image"):
+        train_feature_classifier(x[:100], y[:99])
+    with pytest.raises(ValueError, match="square images"):
+        train_feature_classifier(torch.rand(20, 1, 16, 8), None)
+    with pytest.raises(ValueError, match="at least two classes"):
+        train_feature_classifier(x[:50], torch.zeros(50, dtype=torch.long))
+    with pytest.raises(ValueError, match="task"):
+        SampleQuality(FeatureCNN((1, 16, 16), 10), task="colour")
