@@ -19,6 +19,7 @@ import yaml
 
 from vae.config import Config, ConfigError, in_range, non_negative, positive
 from vae.gwae import GWAEConfig
+from vae.ncp import NCPConfig
 from vae.nvae import NVAEConfig
 
 SOURCES = ("digits", "shapes", "mnist", "cifar10", "celeba64", "folder")
@@ -168,6 +169,7 @@ class PipelineConfig(Config):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     nvae: NVAEConfig = dataclasses.field(default_factory=NVAEConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    ncp: NCPConfig = dataclasses.field(default_factory=NCPConfig)
     gwae: GWAEConfig = dataclasses.field(default_factory=lambda: GWAEConfig(image_shape=(3, 32, 32)))
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)

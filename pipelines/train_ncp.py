@@ -1,0 +1,315 @@
+"""Stage 2 — ncp: noise-contrastive priors on a frozen NVAE, one classifier per latent group, groups in parallel.
+
+    vaepipe ncp configs/demo.yaml --model models:/demo-nvae@candidate [--resume] [--set ncp.steps=500]
+
+Recipe: the driver loads the registered NVAE by URI, freezes it and puts it in Ray's object store once; one Ray task
+per latent group trains that group's classifier (`vae.ncp.train_group_classifier`) on its own data reader, sized by
+`ncp.cpus_per_group` / `ncp.gpus_per_group`. Each finished classifier is logged to the MLflow run at once, so a group
+that fails (after Ray's retries) loses nothing already trained, and `--resume` trains only the missing groups. The
+composite NCP-VAE is evaluated (per-group accuracy and NCE loss, the KL-reduction estimate, base vs SIR vs Langevin
+sample quality) and registered as `<name>-ncp`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.common import StageResult, init_ray, png_bytes
+from pipelines.config import PipelineConfig
+from vae.config import ConfigError
+
+STAGE = "ncp"
+CLASSIFIER_DIR = "classifiers"
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer: the frozen VAE must come out of the stage bit-identical."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _batches_fn(data_path: str, batch_size: int, seed: int):
+    from pipelines.data import ParquetImageReader
+
+    readers = {
+        "train": ParquetImageReader(data_path, "train", batch_size=batch_size, shuffle=True, seed=seed,
+                                    drop_last=True),
+        "val": ParquetImageReader(data_path, "val", batch_size=batch_size, verify=False),
+    }
+
+    def batches(split: str):
+        for batch in readers[split]:
+            yield batch["image"]
+
+    return batches
+
+
+def train_group(vae, k: int, data_path: str, ncp_config: dict) -> dict[str, Any]:
+    """One Ray task: the classifier of latent group k. Returns its weights (bytes), history and timing."""
+    import os
+
+    from vae.ncp import NCPConfig, train_group_classifier
+
+    cfg = NCPConfig.from_dict(ncp_config)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_group > 0 else "cpu")
+    vae = vae.to(device)
+    started = time.time()
+
+    def progress(step: int, metrics: dict[str, float]) -> None:
+        shown = "  ".join(f"{name.split('/')[1]} {v:.3f}" for name, v in metrics.items() if name.startswith("val/"))
+        print(f"[ncp] group {k:02d}  step {step}/{cfg.steps}  {shown}", flush=True)
+
+    classifier, history = train_group_classifier(vae, k, _batches_fn(data_path, cfg.batch_size, cfg.seed + k),
+                                                 cfg, progress=progress)
+    buf = io.BytesIO()
+    torch.save({k_: v.cpu() for k_, v in classifier.state_dict().items()}, buf)
+    return {"group": k, "state": buf.getvalue(), "history": history, "start": started, "end": time.time(),
+            "pid": os.getpid()}
+
+
+def _load_classifiers(tracker, run_id: str, vae, cfg) -> dict[int, Any]:
+    """Classifiers an earlier attempt of this run already logged (for --resume)."""
+    from vae.ncp import classifier_for
+
+    found: dict[int, Any] = {}
+    try:
+        listed = tracker.client.list_artifacts(run_id, CLASSIFIER_DIR)
+    except Exception:
+        return found
+    for art in listed:
+        name = Path(art.path).name
+        if not (name.startswith("group_") and name.endswith(".pt")):
+            continue
+        k = int(name[len("group_"):-len(".pt")])
+        local = tracker.download_artifacts(run_id, art.path)
+        clf = classifier_for(vae, k, cfg)
+        clf.load_state_dict(torch.load(local, map_location="cpu"))
+        found[k] = clf.eval()
+    return found
+
+
+def _find_interrupted_run(tracker, cfg: PipelineConfig) -> str:
+    runs = tracker.find_runs(cfg.name, filter_string=f"tags.`vaepipe.stage` = '{STAGE}' and attributes.status != 'FINISHED'",
+                             max_results=1)
+    if not runs:
+        raise ConfigError(f"--resume: experiment vaepipe/{cfg.name} has no interrupted ncp run; run without --resume")
+    return runs[0].info.run_id
+
+
+def run_ncp(
+    cfg: PipelineConfig,
+    tracker=None,
+    *,
+    model_uri: str | None = None,
+    parent_run_id: str | None = None,
+    resume: bool = False,
+    ray_address: str | None = None,
+) -> StageResult:
+    """Train the NCP classifiers of a registered NVAE on Ray, evaluate and register the NCP-VAE."""
+    from pipelines.data import read_manifest
+    from pipelines.registry import load_registered
+    from pipelines.tracking import Tracker, dataset_tag
+    from vae.ncp import freeze
+
+    model_uri = model_uri or f"models:/{cfg.name}-nvae@candidate"
+    manifest = read_manifest(cfg.data.path)
+    tracker = tracker or Tracker.connect(cfg.tracking)
+    vae = load_registered(tracker, model_uri)
+    if type(vae).__name__ != "NVAE":
+        raise ConfigError(f"--model: {model_uri} is a {type(vae).__name__}, not an NVAE; pass models:/<name>-nvae@ALIAS")
+    if tuple(vae.cfg.image_shape) != tuple(manifest.shape):
+        raise ConfigError(f"--model: {model_uri} was trained on images {list(vae.cfg.image_shape)}, the data at "
+                          f"{cfg.data.path} are {list(manifest.shape)}; point data.path at the model's data set")
+    freeze(vae)
+    before = fingerprint(vae)
+
+    own_parent = False
+    if resume:
+        run_id = _find_interrupted_run(tracker, cfg)
+        tracker.client.set_terminated(run_id, "RUNNING")
+    else:
+        if parent_run_id is None:
+            parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name=STAGE), True
+        run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id,
+                                         dataset_tag=dataset_tag(cfg.data.path), source_model=model_uri)
+    status = "FAILED"
+    try:
+        result = _train_and_register(cfg, tracker, run_id, vae, model_uri, ray_address)
+        after = fingerprint(vae)
+        if after != before:
+            raise RuntimeError(f"the frozen VAE changed during the ncp stage ({before[:12]} → {after[:12]})")
+        tracker.set_tags(run_id, {"vaepipe.vae_fingerprint": after})
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(run_id, status)
+        if own_parent:
+            tracker.end_run(parent_run_id, status)
+
+
+def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_uri: str,
+                        ray_address: str | None) -> StageResult:
+    import ray
+
+    from vae.ncp import NCPVAE, classifier_for
+
+    n = cfg.ncp
+    classifiers = _load_classifiers(tracker, run_id, vae, n)
+    todo = [k for k in range(vae.num_groups) if k not in classifiers]
+    if classifiers:
+        print(f"[ncp] {len(classifiers)} group(s) already trained in run {run_id}; training {todo}", flush=True)
+    init_ray(ray_address)
+    task = ray.remote(train_group).options(
+        num_cpus=n.cpus_per_group, num_gpus=n.gpus_per_group, max_retries=2, retry_exceptions=[RuntimeError]
+    )
+    vae_ref = ray.put(vae)
+    pending = {task.remote(vae_ref, k, cfg.data.path, n.to_dict()): k for k in todo}
+    print(f"[ncp] {len(todo)} classifier task(s) on Ray ({n.cpus_per_group} CPU, {n.gpus_per_group} GPU each); "
+          f"MLflow run {run_id}", flush=True)
+    t0 = time.time()
+    spans, failures = [], {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        k = pending.pop(done[0])
+        try:
+            out = ray.get(done[0])
+        except Exception as e:  # retried by Ray already; keep the others going and report at the end
+            failures[k] = e
+            print(f"[ncp] group {k:02d} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            continue
+        clf = classifier_for(vae, k, n)
+        clf.load_state_dict(torch.load(io.BytesIO(out["state"]), map_location="cpu"))
+        classifiers[k] = clf.eval()
+        _log_group(tracker, run_id, k, out)
+        spans.append((out["start"], out["end"]))
+        print(f"[ncp] group {k:02d} done: val accuracy {out['history']['best_val_accuracy']:.3f}, "
+              f"{out['end'] - out['start']:.0f} s", flush=True)
+    if failures:
+        raise RuntimeError(
+            f"ncp: group(s) {sorted(failures)} failed after retries ({next(iter(failures.values()))}); the "
+            f"{len(classifiers)} finished classifier(s) are saved in run {run_id}: rerun with --resume to train the rest"
+        )
+    wall = time.time() - t0
+    busy = sum(e - s for s, e in spans)
+    tracker.log_metrics(run_id, {"ncp/wall_seconds": wall, "ncp/task_seconds": busy,
+                                 "ncp/parallelism": busy / wall if wall > 0 else 0.0}, step=0)
+
+    model = NCPVAE(vae, [classifiers[k] for k in range(vae.num_groups)], n)
+    metrics = evaluate_ncp(cfg, tracker, run_id, model)
+    uri = tracker.log_pytorch_model(run_id, model, name="model",
+                                    input_example=torch.zeros(1, *vae.cfg.image_shape).numpy())
+    name = f"{cfg.name}-ncp"
+    version = tracker.register_model(uri, name, alias="candidate", tags={"vaepipe.run_id": run_id,
+                                                                          "vaepipe.source_model": model_uri})
+    print(f"[ncp] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
+    return StageResult(STAGE, run_id, model_uri=f"models:/{name}@candidate", registered_model=name,
+                       registered_version=str(version), metrics=metrics)
+
+
+def _log_group(tracker, run_id: str, k: int, out: dict[str, Any]) -> None:
+    history = out["history"]
+    for i, step in enumerate(history["step"]):
+        row = {f"{m.split('_', 1)[0]}/{m.split('_', 1)[1]}/group_{k:02d}": history[m][i]
+               for m in ("train_nce_loss", "train_accuracy", "val_nce_loss", "val_accuracy")}
+        tracker.log_metrics(run_id, row, step=step)
+    tracker.log_metrics(run_id, {f"best/val_accuracy/group_{k:02d}": history["best_val_accuracy"],
+                                 f"best/val_nce_loss/group_{k:02d}": history["best_val_nce_loss"],
+                                 f"ncp/task_seconds/group_{k:02d}": out["end"] - out["start"]}, step=0)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"group_{k:02d}.pt"
+        path.write_bytes(out["state"])
+        tracker.log_artifact(run_id, path, artifact_path=CLASSIFIER_DIR)
+
+
+def evaluate_ncp(cfg: PipelineConfig, tracker, run_id: str, model) -> dict[str, float]:
+    """The KL-reduction estimate per group, log Z of the top group, and sample quality of base vs SIR vs Langevin
+    samples in the feature space of a classifier trained here on the data (no downloaded weights)."""
+    from pipelines.data import ParquetImageReader, load_split
+    from vae.metrics import sample_grid
+    from vae.quality import SampleQuality
+
+    n = cfg.ncp
+    metrics: dict[str, float] = {}
+    val = ParquetImageReader(cfg.data.path, "val", batch_size=n.sample_batch_size, verify=False)
+    gain = model.ncp_gain((b["image"] for b in val))
+    for k, g in enumerate(gain["gain"]):
+        metrics[f"eval/kl_reduction/group_{k:02d}"] = g
+    metrics["eval/kl_reduction_total"] = gain["total"]
+    metrics["eval/log_z/group_00"] = model.log_z_estimate(0)
+
+    train = load_split(cfg.data.path, "train")
+    has_labels = bool(read_labels(cfg.data.path)) and int(train["label"].min()) >= 0
+    quality = SampleQuality.fit(train["image"], train["label"] if has_labels else None)
+    real = load_split(cfg.data.path, "test" if _has_split(cfg.data.path, "test") else "val")["image"]
+    count = min(n.eval_samples, len(real))
+    grids = {}
+    for method in ("base", "sir", "langevin"):
+        t = time.perf_counter()
+        torch.manual_seed(cfg.ncp.seed)
+        fake = model.sample(count, method=method)
+        metrics[f"eval/sample_seconds_{method}"] = time.perf_counter() - t
+        for key, value in quality.score(real[:count], fake).items():
+            metrics[f"eval/{key}_{method}"] = float(value)
+        if method == "sir" and "ess" in model.last_stats:
+            ess = model.last_stats["ess"]
+            metrics["eval/sir_ess"] = float(sum(ess) / len(ess)) if isinstance(ess, (list, tuple)) else float(ess)
+        grids[method] = fake[:36]
+    tracker.log_metrics(run_id, metrics, step=0)
+    side = torch.cat([sample_grid(grids[m], nrow=6) for m in ("base", "sir", "langevin")], dim=2)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "samples_base_sir_langevin.png"
+        p.write_bytes(png_bytes(side))
+        tracker.log_artifact(run_id, p, artifact_path="pictures")
+    print("[ncp] sample quality (FID, lower is better): " + ", ".join(
+        f"{m} {metrics[f'eval/fid_{m}']:.2f}" for m in ("base", "sir", "langevin") if f"eval/fid_{m}" in metrics),
+        flush=True)
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def read_labels(path: str) -> tuple[str, ...]:
+    from pipelines.data import read_manifest
+
+    return tuple(read_manifest(path).label_names)
+
+
+def _has_split(path: str, split: str) -> bool:
+    from pipelines.data import read_manifest
+
+    return read_manifest(path).splits.get(split, 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _cmd(args) -> int:
+    from pipelines.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_ncp(cfg, model_uri=args.model, resume=args.resume, ray_address=args.address)
+    print(result.summary())
+    return 0
+
+
+def register(sub) -> None:
+    from pipelines.cli import add_config_args
+
+    p = sub.add_parser("ncp", help="stage 2: noise-contrastive prior classifiers on a frozen NVAE; register <name>-ncp")
+    add_config_args(p)
+    p.add_argument("--model", default=None, metavar="MODEL_URI",
+                   help="the NVAE to improve (default: models:/<name>-nvae@candidate)")
+    p.add_argument("--resume", action="store_true", help="finish the newest interrupted ncp run (missing groups only)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=_cmd)
