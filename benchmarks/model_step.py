@@ -184,7 +184,7 @@ def main() -> None:
     for case in cases:
         results.append(run_isolated(case, args.warmup, args.steps, args.threads))
         print(f"done: {case}", file=sys.stderr, flush=True)
-    print(preset_table(cases), "\n")
+    print(preset_table(cases) + "\n")
     print(results_table(results))
 
 

@@ -301,8 +301,8 @@ class NVAE(nn.Module):
         self.head = nn.Sequential(nn.ELU(), Conv2d(ch, out_ch, 3, padding=1))
         if cfg.decoder == "gaussian_learned":
             self.log_sigma = nn.Parameter(torch.zeros(()))  # σ-VAE's shared learned σ, init 1
-        # σ-VAE optimal σ*: a running estimate of log σ* so that sampling needs no data.
-        self.register_buffer("running_log_sigma", torch.zeros(()))
+        if cfg.decoder == "gaussian_optimal":  # a running estimate of log σ*, so that sampling needs no data
+            self.register_buffer("running_log_sigma", torch.zeros(()))
 
         # Schedules (set_step) live in buffers so that checkpoints carry them; until set_step runs: β = 1, λ = λ_SR.
         self.register_buffer("kl_beta", torch.tensor(1.0))
@@ -365,10 +365,14 @@ class NVAE(nn.Module):
 
     def output_distribution(self, params: Tensor) -> OutputDistribution:
         cfg = self.cfg
-        log_sigma = {"gaussian_learned": getattr(self, "log_sigma", None), "gaussian_optimal": self.running_log_sigma}
+        log_sigma = None
+        if cfg.decoder == "gaussian_learned":
+            log_sigma = self.log_sigma
+        elif cfg.decoder == "gaussian_optimal":
+            log_sigma = self.running_log_sigma
         return make_output_distribution(
             cfg.decoder, params, num_channels=cfg.image_shape[0], num_mix=cfg.num_mixture_dec,
-            num_bits=cfg.num_x_bits, log_sigma=log_sigma.get(cfg.decoder), fixed_sigma=cfg.fixed_sigma,
+            num_bits=cfg.num_x_bits, log_sigma=log_sigma, fixed_sigma=cfg.fixed_sigma,
         )
 
     # ----------------------------------------------------------------------------------------------------------

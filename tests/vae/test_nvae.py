@@ -27,6 +27,16 @@ def digits16(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x[perm[:1500]], x[perm[1500:]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread, restored afterwards: on the shared 2-core machine two threads spin against other jobs
+    (this file took 155 s of wall time for 39 s of CPU with two threads, 11 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return digits16()
