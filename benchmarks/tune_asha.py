@@ -39,8 +39,8 @@ gwae.prior: {type: grid, values: [fnp, gaussian, gmp]}
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=8, help="trials of the weights search (default 8)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per trial: ASHA's max_t (default 8)")
-    p.add_argument("--steps", type=int, default=30, help="GWAE updates per epoch (default 30)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per trial: ASHA's max_t (default 10)")
+    p.add_argument("--steps", type=int, default=50, help="GWAE updates per epoch (default 50)")
     p.add_argument("--replicates", type=int, default=2, help="seeds per prior in the prior comparison (default 2)")
     p.add_argument("--examples", type=int, default=5000, help="shapes images, 16×16 grey (default 5000)")
     p.add_argument("--concurrent", type=int, default=2, help="trials at a time (default 2)")

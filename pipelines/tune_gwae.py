@@ -12,7 +12,8 @@ Contracts kept here (DESIGN.md, PLATFORM.md):
 - every input is checked before Ray starts: the space file (file:line for each mistake), each bound and choice
   applied alone to the config, the data's shape, and that the metric and the objective's terms will be reported;
 - the driver loads the prepared splits once and ships them with `tune.with_parameters` (uint8 numpy in the object
-  store, read zero-copy by the trials): see benchmarks/tune_asha.py for it against loading per trial;
+  store, read zero-copy by the trials): 0.2 ms per trial for 1.2 MiB of shapes, against 8 ms for a trial reading
+  and verifying the Parquet splits itself (benchmarks/tune_asha.py);
 - one MLflow writer: `TrialRuns` (an `MLflowLoggerCallback`) on the driver opens a run per trial nested under the
   tune run, with the sampled values as params and the per-epoch metrics; a resumed trial reattaches to its run;
 - each epoch reports losses, psnr, dci (+ completeness, informativeness) when the data has factors, auroc, nmi/ari
@@ -296,18 +297,12 @@ def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, 
                   flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            print(f"[tune] trial {trial.trial_id} FAILED (the search goes on): {_error_line(trial.error_file)}",
+            print(f"[tune] trial {trial.trial_id} FAILED (the search goes on); traceback in {trial.error_file}",
                   flush=True)
 
     logger = TrialRuns(tracker.tracking_uri, registry_uri=tracker.registry_uri, experiment_name=experiment,
                        tags=tags, save_artifact=False)
     return [logger, ProgressLines()]
-
-
-def _error_line(error_file: str | None) -> str:
-    """The exception line of a trial's error file (its last non-empty line)."""
-    text = Path(error_file).read_text(errors="replace").strip() if error_file and Path(error_file).exists() else ""
-    return text.splitlines()[-1].strip() if text else "see the trial's error.txt"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -53,11 +53,11 @@ def test_pipeline_over_http_then_resume_promote_sample_evaluate(ray_local, digit
 
     # Promote: the first champion needs only its metric; a worse one is refused unless forced.
     assert main(["promote", "piptest-nvae", "--from-alias", "candidate", "--tracking-uri", uri]) == 0
-    assert client.get_model_version_by_alias("piptest-nvae", "champion").version == 1
+    assert str(client.get_model_version_by_alias("piptest-nvae", "champion").version) == "1"
     worse = client.create_model_version("piptest-nvae", f"runs:/{results[1].run_id}/model", results[1].run_id)
     assert main(["promote", "piptest-nvae", "--version", str(worse.version), "--metric", "val/bpd",
                  "--tracking-uri", uri]) == 2  # its run (the ncp run) has no val/bpd: refused
-    assert client.get_model_version_by_alias("piptest-nvae", "champion").version == 1
+    assert str(client.get_model_version_by_alias("piptest-nvae", "champion").version) == "1"
     assert main(["promote", "piptest-nvae", "--version", str(worse.version), "--force", "--tracking-uri", uri]) == 0
     assert str(client.get_model_version_by_alias("piptest-nvae", "champion").version) == str(worse.version)
 
