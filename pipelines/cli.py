@@ -25,12 +25,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from vae.config import ConfigError
 
     types: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError]
-    try:
-        from pipelines.train_vae import TrainingError
+    from pipelines.train_vae import TrainingError
+    from pipelines.tune_gwae import SearchError
 
-        types.append(TrainingError)
-    except ImportError:
-        pass
+    types += [TrainingError, SearchError]
     try:
         from pipelines.data import DatasetError
 
@@ -141,15 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _register_train(sub)
     _register_run(sub)
     registrars: list[Callable[[argparse._SubParsersAction], None]] = []
-    from pipelines import registry, tracking
-    from pipelines.data import cli as data_cli
-
-    registrars += [data_cli.register, tracking.register, registry.register]
-    for optional in ("pipelines.train_ncp", "pipelines.tune_gwae", "pipelines.submit"):
-        try:
-            registrars.append(importlib.import_module(optional).register)
-        except ImportError:
-            pass
+    for module in ("pipelines.data.cli", "pipelines.tracking", "pipelines.train_ncp", "pipelines.tune_gwae",
+                   "pipelines.registry", "pipelines.submit"):
+        registrars.append(importlib.import_module(module).register)
     for register in registrars:
         register(sub)
     demo = sub.add_parser("demo", help="run the embedded demo (what `make demo` runs)")

@@ -74,6 +74,29 @@ def png_bytes(image: Any) -> bytes:
     return buf.getvalue()
 
 
+def storage_path(configured: str | None, workdir: str) -> str:
+    """Where Ray keeps a stage's checkpoints: the configured path, else <tracking.workdir>/ray; local paths absolute
+    (Ray workers run in other working directories)."""
+    from pathlib import Path
+
+    path = configured or str(Path(workdir) / "ray")
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def find_interrupted_run(tracker, experiment: str, stage: str):
+    """The newest run of `stage` in vaepipe/<experiment> that did not finish (what --resume continues)."""
+    from vae.config import ConfigError
+
+    runs = tracker.find_runs(
+        experiment, filter_string=f"tags.`vaepipe.stage` = '{stage}' and attributes.status != 'FINISHED'", max_results=1
+    )
+    if not runs:
+        raise ConfigError(
+            f"--resume: experiment vaepipe/{experiment} has no interrupted {stage} run to resume; run without --resume"
+        )
+    return runs[0]
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipelines.common import StageResult, init_ray, png_bytes
+from pipelines.common import StageResult, find_interrupted_run, init_ray, png_bytes
 from pipelines.config import PipelineConfig
 from vae.config import ConfigError
 
@@ -98,14 +98,6 @@ def _load_classifiers(tracker, run_id: str, vae, cfg) -> dict[int, Any]:
     return found
 
 
-def _find_interrupted_run(tracker, cfg: PipelineConfig) -> str:
-    runs = tracker.find_runs(cfg.name, filter_string=f"tags.`vaepipe.stage` = '{STAGE}' and attributes.status != 'FINISHED'",
-                             max_results=1)
-    if not runs:
-        raise ConfigError(f"--resume: experiment vaepipe/{cfg.name} has no interrupted ncp run; run without --resume")
-    return runs[0].info.run_id
-
-
 def run_ncp(
     cfg: PipelineConfig,
     tracker=None,
@@ -135,7 +127,7 @@ def run_ncp(
 
     own_parent = False
     if resume:
-        run_id = _find_interrupted_run(tracker, cfg)
+        run_id = find_interrupted_run(tracker, cfg.name, STAGE).info.run_id
         tracker.client.set_terminated(run_id, "RUNNING")
     else:
         if parent_run_id is None:

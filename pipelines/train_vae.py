@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.common import Progress, StageResult, init_ray, png_bytes
+from pipelines.common import Progress, StageResult, find_interrupted_run, init_ray, png_bytes, storage_path
 from pipelines.config import PipelineConfig, dump_config
 from vae.config import ConfigError
 
@@ -530,23 +530,6 @@ def check_dataset(cfg: PipelineConfig):
     return manifest
 
 
-def _storage_path(cfg: PipelineConfig) -> str:
-    path = cfg.train.storage_path or str(Path(cfg.tracking.workdir) / "ray")
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def _find_interrupted_run(tracker, cfg: PipelineConfig) -> tuple[str, str]:
-    runs = tracker.find_runs(
-        cfg.name, filter_string="tags.`vaepipe.stage` = 'train' and attributes.status != 'FINISHED'", max_results=1
-    )
-    if not runs:
-        raise ConfigError(
-            f"--resume: experiment vaepipe/{cfg.name} has no interrupted train run to resume; run without --resume"
-        )
-    run = runs[0]
-    return run.info.run_id, run.data.tags["vaepipe.ray_run"]
-
-
 def _checkpoint_of_run(tracker, run_id: str) -> str:
     """--from-run: the final checkpoint another train run logged as its `checkpoint` artifact."""
     import mlflow
@@ -591,7 +574,8 @@ def run_train(
 
     own_parent = False
     if resume:
-        run_id, ray_name = _find_interrupted_run(tracker, cfg)
+        run = find_interrupted_run(tracker, cfg.name, STAGE)
+        run_id, ray_name = run.info.run_id, run.data.tags["vaepipe.ray_run"]
         tracker.client.set_terminated(run_id, "RUNNING")
         parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
         if parent and parent != parent_run_id and tracker.client.get_run(parent).info.status != "FINISHED":
@@ -609,7 +593,7 @@ def run_train(
         tracker.client.set_tag(run_id, "vaepipe.ray_run", ray_name)
         tracker.client.log_param(run_id, "plan.steps_per_epoch", steps_per_epoch)
         tracker.client.log_param(run_id, "plan.total_steps", total_steps)
-    storage = _storage_path(cfg)
+    storage = storage_path(cfg.train.storage_path, cfg.tracking.workdir)
     plan = TrainPlan(
         run_id=run_id, tracking_uri=tracker.tracking_uri, data_path=cfg.data.path,
         train_examples=manifest.splits["train"], val_examples=manifest.splits["val"],
@@ -662,7 +646,6 @@ def run_train(
 def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
     """Log the final (EMA) model with pickle serialization and our packages as code paths, register it as
     `<name>-nvae` with the alias `candidate`, and keep the last checkpoint as an artifact."""
-    import vae
     from vae import NVAE
 
     with result.checkpoint.as_directory() as d:
@@ -681,7 +664,6 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
     )
     final = {k: float(v) for k, v in (result.metrics or {}).items()
              if isinstance(v, (int, float)) and k.startswith("val/")}
-    model_uri = f"runs:/{run_id}/model"
     name = f"{cfg.name}-nvae"
     version = tracker.register_model(logged_uri, name, alias="candidate", tags={"vaepipe.run_id": run_id})
     tracker.end_run(run_id, "FINISHED")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import tune_spaces
-from pipelines.common import StageResult, init_ray
+from pipelines.common import StageResult, find_interrupted_run, init_ray, storage_path
 from pipelines.config import PipelineConfig, load_config
 from vae.config import ConfigError
 
@@ -341,20 +341,6 @@ def check_inputs(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], ma
         )
 
 
-def _storage_path(cfg: PipelineConfig) -> str:
-    path = cfg.tune.storage_path or str(Path(cfg.tracking.workdir) / "ray")
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def _find_interrupted_run(tracker, cfg: PipelineConfig) -> tuple[str, str]:
-    runs = tracker.find_runs(
-        cfg.name, filter_string="tags.`vaepipe.stage` = 'tune' and attributes.status != 'FINISHED'", max_results=1
-    )
-    if not runs:
-        raise ConfigError(f"--resume: experiment vaepipe/{cfg.name} has no interrupted tune run; run without --resume")
-    return runs[0].info.run_id, runs[0].data.tags["vaepipe.ray_run"]
-
-
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -398,7 +384,7 @@ def run_tune(
     plan = TunePlan(cfg.to_dict(), steps, discrete_factors(data["eval_factors"]))
     space_file = next(iter(space.values())).file
     tracker = tracker or Tracker.connect(cfg.tracking)
-    storage = _storage_path(cfg)
+    storage = storage_path(cfg.tune.storage_path, cfg.tracking.workdir)
     # A checkpoint per epoch forces an experiment snapshot per epoch (what keeps --resume exact); Ray warns about
     # the snapshot rate each time, which is noise for short epochs.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -408,7 +394,8 @@ def run_tune(
                                     {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
     own_parent = False
     if resume:
-        run_id, ray_name = _find_interrupted_run(tracker, cfg)
+        run = find_interrupted_run(tracker, cfg.name, STAGE)
+        run_id, ray_name = run.info.run_id, run.data.tags["vaepipe.ray_run"]
         if not tune.Tuner.can_restore(f"{storage}/{ray_name}"):
             raise ConfigError(f"--resume: no Tune experiment to restore at {storage}/{ray_name} (tune run {run_id}); "
                               f"check tune.storage_path, or run without --resume")

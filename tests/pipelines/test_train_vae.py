@@ -94,7 +94,6 @@ def test_two_workers_train_register_and_the_model_loads_in_a_fresh_process(ray_l
 
 
 def _final_state(result) -> dict:
-    client = mlflow.MlflowClient()
     local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="checkpoint")
     return read_checkpoint(local)
 

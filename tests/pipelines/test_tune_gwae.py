@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+import tune_spaces
 from pipelines.config import load_config
 from pipelines.tune_gwae import discrete_factors, objective, register, run_tune, trial_seed
 from vae.config import ConfigError
@@ -83,6 +84,25 @@ def test_trial_seed_follows_the_sampled_values_and_the_trial_number_only():
     assert a != trial_seed(0, {**point, "gwae.lambda_w": 0.31}, "a1b2c_00001") and a != trial_seed(1, point,
                                                                                                  "a1b2c_00001")
     assert trial_seed(0, point, "3fa8b2c1") == trial_seed(0, point, "77aa0011")  # Optuna ids carry no number
+
+
+def test_trial_data_holds_out_the_ood_class_or_draws_seeded_noise(shapes16, mlflow_store, tmp_path):
+    from pipelines.data import read_manifest
+    from pipelines.tune_gwae import check_inputs, load_trial_data
+
+    space = write_space(tmp_path, "gwae.lambda_w: {type: loguniform, low: 0.1, high: 10}\n")
+    manifest = read_manifest(shapes16)
+    noise = load_trial_data(make_cfg(shapes16, mlflow_store, tmp_path, space), manifest)
+    assert noise["ood_images"].shape == (150, 1, 16, 16) and noise["ood_images"].dtype == np.uint8
+    assert np.array_equal(noise["ood_images"], load_trial_data(make_cfg(shapes16, mlflow_store, tmp_path, space),
+                                                               manifest)["ood_images"])
+    assert len(noise["train"]) == manifest.splits["train"] and len(noise["eval_images"]) == 150
+    held = load_trial_data(make_cfg(shapes16, mlflow_store, tmp_path, space, ood_class=3), manifest)
+    assert 0 < len(held["train"]) < len(noise["train"]) and (held["eval_labels"] != 3).all()
+    assert len(held["ood_images"]) > 0 and len(held["eval_images"]) + len(held["ood_images"]) == manifest.splits["val"]
+    with pytest.raises(ConfigError, match="tune.ood_class: 4 is not a label"):
+        check_inputs(make_cfg(shapes16, mlflow_store, tmp_path, space, ood_class=4),
+                     tune_spaces.load_space(str(space)), manifest)
 
 
 def test_cli_takes_config_space_resume_overrides_and_address():
