@@ -68,6 +68,15 @@ class TrackingUnavailableError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- resolution
 
 
+def _urlopen(url: str, timeout: float):
+    """urlopen with the proxies of the environment as it is now (urllib's global opener keeps the first call's),
+    and none for a loopback server."""
+    host = urllib.parse.urlparse(url).hostname or ""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({} if loopback else None))
+    return opener.open(url, timeout=timeout)
+
+
 def resolve_tracking_uri(cfg: "TrackingConfig") -> str:
     """cfg.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<abs workdir>/mlflow.db (directory created)."""
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -155,7 +164,7 @@ def _wait_for_http(uri: str, timeout_s: float) -> None:
         if left <= 0:
             raise _unreachable(uri, f"waited {timeout_s:g} s; last error: {why}")
         try:
-            with urllib.request.urlopen(f"{base}/health", timeout=min(left, 5.0)) as resp:
+            with _urlopen(f"{base}/health", timeout=min(left, 5.0)) as resp:
                 if resp.status == 200:
                     return
         except urllib.error.HTTPError as e:
@@ -170,7 +179,7 @@ def _wait_for_http(uri: str, timeout_s: float) -> None:
 def _rest_api_answers(base: str, timeout_s: float) -> bool:
     # Any answer below 500 (including 401/403 from an auth proxy) means a live MLflow REST API.
     try:
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout=timeout_s):
+        with _urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout=timeout_s):
             return True
     except urllib.error.HTTPError as e:
         return e.code < 500

@@ -72,7 +72,9 @@ def _free_port() -> int:
 
 def _healthy(uri: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+        # No proxy: urllib's global opener may hold one from an earlier test's environment.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{uri}/health", timeout=2) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -21,7 +21,7 @@ def small_pipeline(digits16: str, shapes: str, tracking_uri: str, tmp_path: Path
         "tune.data.rgb=false", "tune.data.num_examples=1200", "gwae.image_shape=[1,16,16]",
         f"tracking.workdir={tmp_path / 'work'}", f"tracking.tracking_uri={tracking_uri}",
         f"train.storage_path={tmp_path / 'ray'}", f"tune.storage_path={tmp_path / 'ray'}",
-        "train.epochs=2", "train.num_workers=1", "train.val_iw_examples=16",
+        "train.epochs=1", "train.num_workers=1", "train.val_iw_examples=16",
         "ncp.steps=40", "ncp.eval_every=20", "ncp.val_examples=64", "ncp.eval_samples=32", "ncp.langevin_steps=5",
         "ncp.sir_proposals=4", "ncp.log_z_samples=16", "ncp.classifier_channels=8",
         "tune.num_samples=2", "tune.epochs=2", "tune.steps_per_epoch=5", "tune.eval_examples=100",
