@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _tiny import digits_16, train_tiny
 from torch import Tensor, nn
 
 from vae import metrics
@@ -323,16 +324,6 @@ def test_reconstruction_grid_puts_each_original_left_of_its_reconstruction():
 # On the NVAE itself.
 
 
-def _digits_16() -> tuple[Tensor, Tensor]:
-    """scikit-learn's digits as (1797, 1, 16, 16) float in [0, 1] (bilinear ×2 of value/16) and their labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
-    return x, torch.tensor(digits.target)
-
-
 def _reference_posterior_mean_decoding(model, x: Tensor) -> Tensor:
     # NVAE's own deterministic path through the posterior means (private, used only as the reference here).
     _, state, _ = model._posterior_path(model.encode(x), use_mean=True)
@@ -344,7 +335,7 @@ def test_latent_traversal_on_nvae_grid_and_zero_offset_is_the_reconstruction():
 
     torch.manual_seed(19)
     model = NVAE(NVAEConfig.preset("tiny", decoder="bernoulli")).eval()
-    x = _digits_16()[0][:1]
+    x = digits_16()[0][:1]
     grid = metrics.latent_traversal(model, x, group=1, channels=[0, 3], values=[-2.0, 0.0, 2.0])
     assert grid.dtype == torch.uint8 and grid.shape == (1, 2 * 18 + 2, 3 * 18 + 2)
     with torch.no_grad():
@@ -358,7 +349,7 @@ def test_latent_traversal_on_nvae_grid_and_zero_offset_is_the_reconstruction():
     with pytest.raises(ValueError, match="channels \\[7\\]"):
         metrics.latent_traversal(model, x, group=0, channels=[7], values=[0.0])
     with pytest.raises(ValueError, match="one image"):
-        metrics.latent_traversal(model, _digits_16()[0][:2], group=0, channels=[0], values=[0.0])
+        metrics.latent_traversal(model, digits_16()[0][:2], group=0, channels=[0], values=[0.0])
 
 
 def test_iw_nll_on_an_untrained_nvae_is_finite_and_bounded_by_its_nelbo():
@@ -366,7 +357,7 @@ def test_iw_nll_on_an_untrained_nvae_is_finite_and_bounded_by_its_nelbo():
 
     torch.manual_seed(20)
     model = NVAE(NVAEConfig.preset("tiny", decoder="dml"))
-    x = _digits_16()[0][:8]
+    x = digits_16()[0][:8]
     nll = metrics.importance_weighted_nll(model, x, k=20)
     assert nll.shape == (8,) and torch.isfinite(nll).all()
     assert model.training  # restored
@@ -377,20 +368,8 @@ def test_iw_nll_on_an_untrained_nvae_is_finite_and_bounded_by_its_nelbo():
 def trained_tiny_nvae():
     """The tiny preset with a Bernoulli decoder, 200 Adamax steps (batch 32, NVAE's optimiser settings) on the first
     1500 digits; the last 297 are the test split."""
-    from vae.nvae import NVAE, NVAEConfig
-
-    x, y = _digits_16()
-    torch.manual_seed(21)
-    model = NVAE(NVAEConfig.preset("tiny", decoder="bernoulli"))
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
-    steps, g = 200, torch.Generator().manual_seed(22)
-    for step in range(steps):
-        model.set_step(step, steps)
-        loss = model(x[torch.randint(0, 1500, (32,), generator=g)]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    x, y = digits_16()
+    model = train_tiny(x, n_train=1500, steps=200, seed=21, decoder="bernoulli")
     return model, (x[:1500], y[:1500]), (x[1500:], y[1500:])
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _tiny import digits_16, train_tiny
 from torch import Tensor, nn
 
 from vae.config import ConfigError
@@ -366,33 +367,19 @@ def test_config_is_validated():
 # A tiny NVAE trained on digits (slow).
 
 
-def _digits_16() -> Tensor:
-    from sklearn.datasets import load_digits
-
-    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
-
-
 @pytest.fixture(scope="module")
 def trained():
     """The tiny preset at 8 channels with the σ-VAE optimal-σ decoder (every group stays active; with a Bernoulli
     decoder the top group collapsed to 0.5 nats in 200 steps and its classifier could only guess), 150 Adamax steps;
     then one classifier per group, 150 steps each. Digits 0-1399 train, 1400-1599 validate, 1600- test."""
-    x = _digits_16()
-    torch.manual_seed(10)
-    vae = NVAE(NVAEConfig.preset("tiny", decoder="gaussian_optimal", num_channels_enc=8, num_channels_dec=8))
-    opt = torch.optim.Adamax(vae.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
-    steps, g = 150, torch.Generator().manual_seed(11)
-    for step in range(steps):
-        vae.set_step(step, steps)
-        loss = vae(x[torch.randint(0, 1400, (32,), generator=g)]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.eval()
+    x, _ = digits_16()
+    vae = train_tiny(x, n_train=1400, steps=150, seed=10, decoder="gaussian_optimal", num_channels_enc=8,
+                     num_channels_dec=8)
     before = copy.deepcopy(vae.state_dict())
     cfg = NCPConfig(classifier_channels=32, classifier_blocks=2, steps=150, eval_every=50, lr=2e-3, batch_size=64,
                     val_examples=200, sir_proposals=16, langevin_steps=10, sample_batch_size=64)
+
+    g = torch.Generator().manual_seed(11)
 
     def batches(split: str):
         return [x[1400:1600]] if split == "val" else x[:1400][torch.randperm(1400, generator=g)].split(64)
