@@ -396,9 +396,18 @@ class Tracker:
         return f"Tracker({self.tracking_uri!r}, artifact_root={self.artifact_root!r})"
 
     def activate(self) -> None:
-        """Point mlflow's process-wide URIs here: `runs:/` and `models:/` URIs resolve through them."""
+        """Point mlflow's process-wide URIs here: `runs:/` and `models:/` URIs resolve through them.
+
+        mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI (and the registry's variable); those are put back,
+        or a later config without a tracking URI in the same process would silently track into this store."""
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.registry_uri)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     # -- experiments and runs
 

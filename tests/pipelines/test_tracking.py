@@ -289,3 +289,17 @@ def test_bad_inputs_name_the_fix(mlflow_server):
         tracker.end_run("run", "DONE")
     with pytest.raises(TypeError, match="'train/loss'"):
         tracker.log_metrics("run", {"train/loss": "high"}, step=0)
+
+
+def test_connecting_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
+    """Two configs in one process, neither naming a tracking URI, track into their own workdirs."""
+    import os
+
+    from pipelines.config import TrackingConfig
+    from pipelines.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = Tracker.connect(TrackingConfig(workdir=str(tmp_path / "a")))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = Tracker.connect(TrackingConfig(workdir=str(tmp_path / "b")))
+    assert first.tracking_uri.endswith("/a/mlflow.db") and second.tracking_uri.endswith("/b/mlflow.db")
