@@ -2,6 +2,7 @@
 MLflow reporter, and the progress line."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -72,6 +73,23 @@ def png_bytes(image: Any) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def ending_runs(tracker, run_id: str, parent_run_id: str | None = None, own_parent: bool = False):
+    """Ends a stage's MLflow run — and the pipeline run it opened for itself — as FINISHED when the body returns,
+    KILLED on Ctrl-C, FAILED on any error, so no run is left RUNNING."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(run_id, status)
+        if own_parent and parent_run_id:
+            tracker.end_run(parent_run_id, status)
 
 
 def storage_path(configured: str | None, workdir: str) -> str:

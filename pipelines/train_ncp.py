@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipelines.common import StageResult, find_interrupted_run, init_ray, png_bytes
+from pipelines.common import StageResult, ending_runs, find_interrupted_run, init_ray, png_bytes
 from pipelines.config import PipelineConfig
 from vae.config import ConfigError
 
@@ -134,22 +134,13 @@ def run_ncp(
             parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name=STAGE), True
         run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id,
                                          dataset_tag=dataset_tag(cfg.data.path), source_model=model_uri)
-    status = "FAILED"
-    try:
+    with ending_runs(tracker, run_id, parent_run_id, own_parent):
         result = _train_and_register(cfg, tracker, run_id, vae, model_uri, ray_address)
         after = fingerprint(vae)
         if after != before:
             raise RuntimeError(f"the frozen VAE changed during the ncp stage ({before[:12]} → {after[:12]})")
         tracker.set_tags(run_id, {"vaepipe.vae_fingerprint": after})
-        status = "FINISHED"
-        return result
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end_run(run_id, status)
-        if own_parent:
-            tracker.end_run(parent_run_id, status)
+    return result
 
 
 def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_uri: str,

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.common import Progress, StageResult, find_interrupted_run, init_ray, png_bytes, storage_path
+from pipelines.common import (
+    Progress, StageResult, ending_runs, find_interrupted_run, init_ray, png_bytes, storage_path,
+)
 from pipelines.config import PipelineConfig, dump_config
 from vae.config import ConfigError
 
@@ -625,22 +627,12 @@ def run_train(
     )
     print(f"[train] {t.num_workers or 1} worker(s), {steps_per_epoch} steps/epoch × {t.epochs} epochs; "
           f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
-    status = "FAILED"
-    try:
+    with ending_runs(tracker, run_id, parent_run_id, own_parent):
         result = trainer.fit()
         if result.checkpoint is None:
             raise TrainingError(f"training ended without a checkpoint; see the logs in {storage}/{ray_name}")
         stage_result = finish(cfg, tracker, run_id, result)
-        status = "FINISHED"
-        return stage_result
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if status != "FINISHED":
-            tracker.end_run(run_id, status)
-        if own_parent:
-            tracker.end_run(parent_run_id, status)
+    return stage_result
 
 
 def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
@@ -666,7 +658,6 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
              if isinstance(v, (int, float)) and k.startswith("val/")}
     name = f"{cfg.name}-nvae"
     version = tracker.register_model(logged_uri, name, alias="candidate", tags={"vaepipe.run_id": run_id})
-    tracker.end_run(run_id, "FINISHED")
     print(f"[train] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
     return StageResult(STAGE, run_id, model_uri=f"models:/{name}@candidate", registered_model=name,
                        registered_version=str(version), metrics=final)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import tune_spaces
-from pipelines.common import StageResult, find_interrupted_run, init_ray, storage_path
+from pipelines.common import StageResult, ending_runs, find_interrupted_run, init_ray, storage_path
 from pipelines.config import PipelineConfig, load_config
 from vae.config import ConfigError
 
@@ -415,8 +415,7 @@ def run_tune(
         tracker.set_tags(run_id, {"vaepipe.ray_run": ray_name})
         tracker.log_params(run_id, {"plan.steps_per_epoch": steps, "plan.space_file": space_file})
         tracker.log_artifact(run_id, space_file, "search_space")
-    status = "FAILED"
-    try:
+    with ending_runs(tracker, run_id, parent_run_id, own_parent):
         if not resume:
             trial_tags = {"mlflow.parentRunId": run_id, "vaepipe.stage": "tune-trial", "vaepipe.dataset":
                           dataset_tag(t.data.path), "vaepipe.git_commit": git_commit(), "vaepipe.pipeline_run":
@@ -438,16 +437,7 @@ def run_tune(
             print(f"[tune] {message}", flush=True)
             raise KeyboardInterrupt(message)
         stage_result = finish(cfg, tracker, run_id, results, space, data)
-        status = "FINISHED"
-        return stage_result
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if status != "FINISHED":
-            tracker.end_run(run_id, status)
-        if own_parent:
-            tracker.end_run(parent_run_id, status)
+    return stage_result
 
 
 def _tune_config(t):
@@ -594,7 +584,6 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
     name = f"{cfg.name}-gwae"
     version = tracker.register_model(logged_uri, name, alias="candidate",
                                      tags={"vaepipe.run_id": run_id, "vaepipe.trial_id": best_id})
-    tracker.end_run(run_id, "FINISHED")
     print(f"[tune] {len(table)} trials ({len(failed)} failed, {trial_epochs} trial-epochs); best trial {best_id} "
           f"{t.metric} {best_row[t.metric]:.4g} at epoch {int(best_row['epoch'])} with {sampled}", flush=True)
     print(f"[tune] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
