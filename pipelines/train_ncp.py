@@ -176,7 +176,7 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
         clf = classifier_for(vae, k, n)
         clf.load_state_dict(torch.load(io.BytesIO(out["state"]), map_location="cpu"))
         classifiers[k] = clf.eval()
-        _log_group(tracker, run_id, k, out)
+        _log_group(tracker, run_id, k, out, t0)
         spans.append((out["start"], out["end"]))
         print(f"[ncp] group {k:02d} done: val accuracy {out['history']['best_val_accuracy']:.3f}, "
               f"{out['end'] - out['start']:.0f} s", flush=True)
@@ -202,7 +202,7 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
                        registered_version=str(version), metrics=metrics)
 
 
-def _log_group(tracker, run_id: str, k: int, out: dict[str, Any]) -> None:
+def _log_group(tracker, run_id: str, k: int, out: dict[str, Any], t0: float) -> None:
     history = out["history"]
     for i, step in enumerate(history["step"]):
         row = {f"{m.split('_', 1)[0]}/{m.split('_', 1)[1]}/group_{k:02d}": history[m][i]
@@ -210,7 +210,10 @@ def _log_group(tracker, run_id: str, k: int, out: dict[str, Any]) -> None:
         tracker.log_metrics(run_id, row, step=step)
     tracker.log_metrics(run_id, {f"best/val_accuracy/group_{k:02d}": history["best_val_accuracy"],
                                  f"best/val_nce_loss/group_{k:02d}": history["best_val_nce_loss"],
-                                 f"ncp/task_seconds/group_{k:02d}": out["end"] - out["start"]}, step=0)
+                                 f"ncp/task_seconds/group_{k:02d}": out["end"] - out["start"],
+                                 # when the task ran, in seconds from the stage's submission: shows the overlap
+                                 f"ncp/task_start/group_{k:02d}": out["start"] - t0,
+                                 f"ncp/task_end/group_{k:02d}": out["end"] - t0}, step=0)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"group_{k:02d}.pt"
         path.write_bytes(out["state"])

@@ -17,6 +17,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _mlflow_fixtures import *  # noqa: E402,F401,F403  (mlflow_store, mlflow_server)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env():
+    """MLflow's set_tracking_uri (called inside Ray Tune's MLflow callback too) writes MLFLOW_* variables into the
+    process environment; put them back after each test so no later test or subprocess tracks into a dead store."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 def _cuda_available() -> bool:
     try:
         import torch

@@ -1,6 +1,7 @@
 """Stage ncp end to end: a tiny NVAE trained here on digits, then one classifier per group in parallel Ray tasks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -44,8 +45,12 @@ def test_ncp_stage_trains_groups_in_parallel_and_registers_a_sampling_model(ray_
     groups = 4
     for k in range(groups):
         assert m[f"best/val_accuracy/group_{k:02d}"] > 0.55, (k, m[f"best/val_accuracy/group_{k:02d}"])
-    # Observed overlap: the groups' measured task time exceeds the stage's wall time.
-    assert m["ncp/parallelism"] > 1.2, m["ncp/parallelism"]
+    # Observed overlap, not assumed: some groups' measured task spans overlap in time (how many run at once depends
+    # on the CPUs the shared test Ray has free), and their summed task time exceeds the training wall time.
+    spans = sorted((m[f"ncp/task_start/group_{k:02d}"], m[f"ncp/task_end/group_{k:02d}"]) for k in range(groups))
+    overlaps = [min(a[1], b[1]) - max(a[0], b[0]) for i, a in enumerate(spans) for b in spans[i + 1:]]
+    assert max(overlaps) > 1.0, spans
+    assert m["ncp/parallelism"] > 1.05, m["ncp/parallelism"]
     assert run.data.tags["vaepipe.source_model"] == trained.model_uri
     assert run.data.tags["vaepipe.vae_fingerprint"] == vae_before  # frozen: bit-identical
     for method in ("base", "sir", "langevin"):
@@ -64,7 +69,9 @@ def test_ncp_stage_trains_groups_in_parallel_and_registers_a_sampling_model(ray_
             assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1, method
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # only what the script sets
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -86,7 +86,7 @@ def test_two_workers_train_register_and_the_model_loads_in_a_fresh_process(ray_l
         assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
         print("ok", tuple(x.shape))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("MLFLOW_")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
