@@ -22,7 +22,7 @@ from vae.gwae import GWAEConfig
 from vae.ncp import NCPConfig
 from vae.nvae import NVAEConfig
 
-SOURCES = ("digits", "shapes", "mnist", "cifar10", "celeba64", "folder")
+SOURCES = ("digits", "shapes", "regions", "mnist", "cifar10", "celeba64", "folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +30,7 @@ class DataConfig(Config):
     _prefix: ClassVar[str] = "data."
     # Where the prepared Parquet dataset lives (any pyarrow filesystem path); prepared on demand.
     path: str = "runs/data/digits16"
-    source: Literal["digits", "shapes", "mnist", "cifar10", "celeba64", "folder"] = "digits"
+    source: Literal["digits", "shapes", "regions", "mnist", "cifar10", "celeba64", "folder"] = "digits"
     # Image side after preparation; None keeps the source's own size (digits: 8, shapes: 64).
     image_size: Optional[int] = None
     # Folder of images for source=folder; download cache for torchvision sources.

@@ -17,6 +17,9 @@
   (Hubert & Arabie, 1985) between cluster assignments and labels; both are invariant to relabelling.
 - OoD: AUROC of a score where higher means more out-of-distribution (in = negative class, out = positive class).
 - PSNR = 10·log10(1 / MSE) per image, for data in [0, 1].
+- Collapse: an autoencoder whose reconstructions do not depend on its input (their spread across inputs near zero,
+  or a PSNR no better than the mean image's), or whose samples have no variety, is collapsed, whatever its other
+  scores say (a collapsed model's critic can still separate anything from its one output image).
 
 scikit-learn is imported inside the functions that need it, so importing `vae` stays light.
 """
@@ -167,3 +170,42 @@ def psnr(x: Tensor, x_hat: Tensor) -> Tensor:
         )
     mse = (x.double() - x_hat.double()).pow(2).flatten(1).mean(dim=1)
     return (10.0 * torch.log10(1.0 / mse)).to(x.dtype if x.is_floating_point() else torch.float64)
+
+
+def spread(images: Tensor) -> float:
+    """Root mean over pixels of the variance across the batch: how much a batch (B, ...) varies from image to image
+    (0 for a batch of one repeated image)."""
+    return images.double().flatten(1).var(dim=0, unbiased=False).mean().sqrt().item()
+
+
+# A reconstruction or sample batch that varies less than this share of the data's spread is "near zero".
+MIN_SPREAD_RATIO = 0.1
+# Reconstructions must beat the mean image's PSNR by this much (dB) to count as depending on the input.
+MIN_PSNR_GAIN_DB = 0.5
+
+
+def collapse_check(x: Tensor, x_hat: Tensor, samples: Tensor | None = None) -> dict[str, float | bool | str]:
+    """Whether an autoencoder collapsed, from inputs x (B, ...), their reconstructions x_hat and optionally decoded
+    prior samples, all in [0, 1]. Returns the figures and the verdict: {"data_spread", "recon_spread",
+    "sample_spread" (nan without samples), "psnr", "mean_image_psnr", "collapsed", "collapse_reason"}."""
+    if x.shape != x_hat.shape or len(x) < 2:
+        raise ValueError(f"collapse_check: x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must be batches of >= 2 "
+                         f"images of the same shape")
+    data = spread(x)
+    mean_image = x.double().mean(dim=0, keepdim=True).expand_as(x)
+    out: dict[str, float | bool | str] = {
+        "data_spread": data, "recon_spread": spread(x_hat),
+        "sample_spread": spread(samples) if samples is not None else float("nan"),
+        "psnr": psnr(x, x_hat).double().clamp_max(100.0).mean().item(),
+        "mean_image_psnr": psnr(x.double(), mean_image).clamp_max(100.0).mean().item(),
+    }
+    reasons = []
+    if out["recon_spread"] < MIN_SPREAD_RATIO * data:
+        reasons.append(f"reconstructions barely vary (spread {out['recon_spread']:.3g} vs data {data:.3g})")
+    if out["psnr"] < out["mean_image_psnr"] + MIN_PSNR_GAIN_DB:
+        reasons.append(f"PSNR {out['psnr']:.2f} dB is no better than the mean image's {out['mean_image_psnr']:.2f} dB")
+    if samples is not None and out["sample_spread"] < MIN_SPREAD_RATIO * data:
+        reasons.append(f"samples barely vary (spread {out['sample_spread']:.3g} vs data {data:.3g})")
+    out["collapsed"] = bool(reasons)
+    out["collapse_reason"] = "; ".join(reasons)
+    return out

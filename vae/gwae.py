@@ -1,10 +1,10 @@
-"""GWAE: Gromov-Wasserstein Autoencoders (Nakagawa, Togo, Ogawa & Haseyama, ICLR 2023), as in METHODS.md §5.
+"""GWAE: Gromov-Wasserstein Autoencoders (Nakagawa, Togo, Ogawa & Haseyama, ICLR 2023).
 
 A deterministic-decoder autoencoder G with encoder q(z|x) = N(μ(x), diag σ²(x)) and a *learned* prior π_θ (a
 "sampler": ε ~ N(0, I) pushed through a network). Per minibatch of B images, with z_i ~ π_θ and z̃_i ~ q(z|x_i):
 
   L_GW = 1/B² Σ_ij | c·d_Z(z_i, z_j)/s_z − d_X(G(z_i), G(z_j)) |      estimated GW distortion (p = 1) of the
-         c = exp(log c) learnable (init 2.5), s_z = mean_d std(z_·d)      generative coupling (z, G(z)); no OT solver
+         c = exp(log c) learnable, s_z = mean_d std(z_·d)                 generative coupling (z, G(z)); no OT solver
   L_W  = 1/B Σ_i ½‖x_i − G(z̃_i)‖²                                        WAE reconstruction, summed over pixels
   L_D  = E_π f(G(z), z) − E_{data·q} f(x, z̃)                              W1 between the joints through the critic f
   L_H  = −1/B Σ_i Σ_d log σ²_d(x_i)                                      keeps the encoder stochastic
@@ -14,16 +14,29 @@ The critic f(x, z) (the Kantorovich potential) maximises E_gen f − E_inf f −
 penalty GP = E_t (‖∇_{x,z} f(x̂, ẑ)‖ − 1)², x̂ = t·x + (1−t)·G(z_s), ẑ = t·z̃ + (1−t)·z_s (one t per pair),
 γ = 10, δ = 1e-4; every layer is spectral-normalised. 5 critic updates per model update, RMSprop at 1e-4 for both.
 
-Priors, each ending in a non-affine BatchNorm1d (momentum 0.5) so every latent dimension is standardised:
+Priors, the learned ones ending in a non-affine BatchNorm1d (momentum 0.5) that standardises each latent dimension
+over the batch in train mode (and through its running statistics in eval mode):
   NP   z = BN(MLP(ε)), MLP z→4z→4z→4z→z with LeakySiLU(u) = (1−a)·silu(u) + a·u, a = 0.2
   FNP  z_i = BN(f_i(ε_i)): the same MLP per dimension (grouped 1×1 Conv1d), so the dimensions stay independent
   GMP  k = argmax_k(log softmax(ℓ)_k + g_k), g = −log(−log U) (Gumbel-max); z = BN(μ_k + A_k·ε)
   gaussian  z = ε ~ N(0, I), the fixed-prior baseline (no BN)
-The Gumbel-max choice is not differentiable: the mixture logits ℓ get no gradient and keep their initial (uniform)
-value; only μ_k and A_k learn, as in the reference code (METHODS §5.2). Switching to Gumbel-softmax would change the
-model; we keep the published behaviour.
+  uniform   z_i ~ U(−√3, √3) independently: a fixed factorised prior of unit variance (no BN), the control for FNP
+At initialisation the NP and FNP samplers' last layer is rescaled so that each raw output dimension has unit variance
+on a probe batch: PyTorch's default init leaves their raw variance at 1e-7..1e-3, where BN's ε (1e-5) would cap the
+standardised variance well below 1 (0.64 for one FNP dimension) until training grew the scale.
+The Gumbel-max choice is not differentiable: the mixture logits ℓ get no gradient and keep their initial value; only
+μ_k and A_k learn, as in the reference code. The reference draws ℓ from N(0, 1), which, since they never learn,
+fixes unequal random mixture weights; here ℓ starts at 0, equal weights. Switching to Gumbel-softmax would change the
+model; we keep the published gradient behaviour.
 
-Choices where METHODS leaves room, each with its reason:
+The distance scale c: `log c` has its own RMSprop learning rate (`lr_distance_coef`, 1e-2 by default) and, unless
+`distance_coef_init` is set, starts from the data: on the first training batch, c = mean_{i≠j} ‖x_i − x_j‖ / √(2·z),
+since two independent standardised z-dimensional samples lie about √(2·z) apart. At the model's learning rate (1e-4)
+and the reference's fixed start (2.5), c hardly moved, and the learned priors shrank latent distances in the only way
+left to them: heavy-tailed marginals (excess kurtosis 30–470, |z| up to 30σ under FNP). `prior_health` measures the
+marginals' excess kurtosis (0 for a Gaussian, −1.2 for a uniform); KURTOSIS_ALARM flags the heavy-tailed state.
+
+Choices where the paper and the reference code leave room, each with its reason:
 - s_z is detached: it normalises the latent distances and the learnable c carries their scale. After the BN priors
   s_z ≈ 1, so the gradient through it would be ~0 anyway. "Mean per-dimension std" is rotation-invariant only for
   isotropic batches; d_Z itself is Euclidean, so L_GW is exactly invariant for whitened prior batches.
@@ -44,6 +57,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import typing
 from collections.abc import Iterator, Sequence
 from typing import ClassVar, Literal
 
@@ -55,11 +69,14 @@ from torch.nn.utils.parametrizations import spectral_norm
 from vae.config import Config, ConfigError, non_negative, positive
 from vae.distributions import soft_clamp
 
-PRIORS = ("np", "fnp", "gmp", "gaussian")
+PRIORS = ("np", "fnp", "gmp", "gaussian", "uniform")
 LOGIT_EPS = 1e-3  # inputs are clamped to [1e-3, 1 − 1e-3] before the logit: exact 0/1 pixels would map to ±inf
 LEAKY_SILU_SLOPE = 0.2
 PRIOR_BN_MOMENTUM = 0.5
 CRITIC_FEATURES = 64  # width of each critic branch's output; the joint MLP sees 2·64 = 128
+# Excess kurtosis of a prior marginal above which the prior is reported unhealthy: a Gaussian has 0, a Laplace 3, a
+# Student-t with 5 degrees of freedom 6; the runaway c = 2.5 state reached 30 to 470.
+KURTOSIS_ALARM = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +85,19 @@ class GWAEConfig(Config):
     # Images (C, H, W) in [0, 1]; square with a power-of-two side ≥ 8 (the encoder halves it down to 4×4).
     image_shape: tuple[int, int, int] = dataclasses.field(default=(1, 16, 16), metadata=positive())
     z_dim: int = dataclasses.field(default=64, metadata=positive())
-    prior: Literal["np", "fnp", "gmp", "gaussian"] = "np"
+    prior: Literal["np", "fnp", "gmp", "gaussian", "uniform"] = "np"
     num_components: int = dataclasses.field(default=10, metadata=positive())  # K of the "gmp" prior
     # --- architecture: encoder widths base·(1, 2, 4, 8), FC hidden_dim; critic x-branch widths critic_channels·2^i
     base_channels: int = dataclasses.field(default=32, metadata=positive())
     hidden_dim: int = dataclasses.field(default=256, metadata=positive())
     critic_channels: int = dataclasses.field(default=8, metadata=positive())
-    # --- objective weights (paper names λ_W, λ_D, λ_H; code coef_w, coef_d, coef_qentropy) and c's initial value
+    # --- objective weights (paper names λ_W, λ_D, λ_H; code coef_w, coef_d, coef_qentropy)
     lambda_w: float = dataclasses.field(default=1.0, metadata=non_negative())
     lambda_d: float = dataclasses.field(default=1.0, metadata=non_negative())
     lambda_h: float = dataclasses.field(default=0.03, metadata=non_negative())
-    distance_coef_init: float = dataclasses.field(default=2.5, metadata=positive())
+    # c's initial value; null starts it from the first training batch (mean pixel distance / √(2·z_dim)). The
+    # reference code starts at 2.5 whatever the data.
+    distance_coef_init: float | None = dataclasses.field(default=None, metadata=positive())
     # --- critic: gradient-penalty weight γ, drift δ (inside the ×γ), updates per model update
     gp_weight: float = dataclasses.field(default=10.0, metadata=non_negative())
     drift: float = dataclasses.field(default=1e-4, metadata=non_negative())
@@ -86,6 +105,7 @@ class GWAEConfig(Config):
     # --- RMSprop learning rates, and how many skipped (non-finite) model updates in a row are tolerated
     lr: float = dataclasses.field(default=1e-4, metadata=positive())
     lr_critic: float = dataclasses.field(default=1e-4, metadata=positive())
+    lr_distance_coef: float = dataclasses.field(default=1e-2, metadata=positive())  # log c's own rate
     max_consecutive_skips: int = dataclasses.field(default=10, metadata=positive())
     # Soft bound b on the encoder's log σ² (b·tanh(·/b), NVAE's ±5 on log σ); null turns it off. L_H rewards large
     # σ without limit, so once the decoder ignores z nothing stops log σ² growing until z̃ overflows.
@@ -136,7 +156,7 @@ def _conv_widths(base: int, side: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Encoder and decoder (vaetc's CNNs, METHODS §5.1)
+# Encoder and decoder (the CNNs of vaetc, the reference's framework)
 
 
 class Encoder(nn.Module):
@@ -219,11 +239,35 @@ class Prior(nn.Module):
     def sample(self, n: int) -> Tensor:  # -> (n, z)
         return self(self.noise(n))
 
+    @torch.no_grad()
+    def _unit_variance_init(self, last: nn.Module, raw: "typing.Callable[[Tensor], Tensor]") -> None:
+        """Rescale and shift the last layer per output dimension so that raw(ε), ε ~ N(0, I), has zero mean and unit
+        variance on a probe batch (drawn from its own generator: the global random stream is left alone). Centring
+        too keeps float32 BN exact: a mean of 10³ standard deviations would cost it three digits."""
+        eps = torch.randn(4096, self.z_dim, generator=torch.Generator().manual_seed(0))
+        scale = raw(eps).std(dim=0).clamp_min(1e-12)  # (z,)
+        last.weight.div_(scale.view(-1, *([1] * (last.weight.dim() - 1))))
+        last.bias.div_(scale)
+        last.bias.sub_(raw(eps).mean(dim=0))
+
 
 class GaussianPrior(Prior):
     """N(0, I): the fixed prior of a plain WAE, a baseline."""
 
     standardised: ClassVar[bool] = False
+
+    def forward(self, eps: Tensor) -> Tensor:
+        return eps
+
+
+class UniformPrior(Prior):
+    """z_i ~ U(−√3, √3) independently: fixed, factorised, zero mean and unit variance; the control that tells what a
+    factorised prior does without learning its marginals."""
+
+    standardised: ClassVar[bool] = False
+
+    def noise(self, n: int) -> Tensor:
+        return (torch.rand(n, self.z_dim, device=self._anchor.device, dtype=self._anchor.dtype) * 2.0 - 1.0) * 3**0.5
 
     def forward(self, eps: Tensor) -> Tensor:
         return eps
@@ -240,6 +284,7 @@ class NeuralPrior(Prior):
             nn.Linear(h, z_dim),
         )
         self.bn = nn.BatchNorm1d(z_dim, affine=False, momentum=PRIOR_BN_MOMENTUM)
+        self._unit_variance_init(self.net[-1], self.net)
 
     def forward(self, eps: Tensor) -> Tensor:  # (n, z) -> (n, z)
         return self.bn(self.net(eps))
@@ -259,13 +304,15 @@ class FactorizedNeuralPrior(Prior):
             conv(z_dim, h), LeakySiLU(), conv(h, h), LeakySiLU(), conv(h, h), LeakySiLU(), conv(h, z_dim)
         )
         self.bn = nn.BatchNorm1d(z_dim, affine=False, momentum=PRIOR_BN_MOMENTUM)
+        self._unit_variance_init(self.net[-1], lambda eps: self.net(eps.unsqueeze(-1)).squeeze(-1))
 
     def forward(self, eps: Tensor) -> Tensor:  # (n, z) -> (n, z)
         return self.bn(self.net(eps.unsqueeze(-1)).squeeze(-1))
 
 
 class GaussianMixturePrior(Prior):
-    """GMP: component k by Gumbel-max over logits ℓ, z = BN(μ_k + A_k·ε).
+    """GMP: component k by Gumbel-max over logits ℓ, z = BN(μ_k + A_k·ε); μ_k ~ N(0, I), A_k = I + 0.01·noise and
+    ℓ = 0 (equal weights) at initialisation.
 
     The argmax blocks gradients: ℓ never learns (see the module docstring); μ and A do.
     """
@@ -324,7 +371,16 @@ def make_prior(cfg: GWAEConfig) -> Prior:
         return FactorizedNeuralPrior(cfg.z_dim)
     if cfg.prior == "gmp":
         return GaussianMixturePrior(cfg.z_dim, cfg.num_components)
+    if cfg.prior == "uniform":
+        return UniformPrior(cfg.z_dim)
     return GaussianPrior(cfg.z_dim)
+
+
+def excess_kurtosis(z: Tensor) -> Tensor:
+    """(n, d) -> (d,): E[(z − μ)⁴]/σ⁴ − 3 per column (population moments); 0 for a Gaussian, −1.2 for a uniform."""
+    centred = z - z.mean(dim=0)
+    var = centred.pow(2).mean(dim=0).clamp_min(torch.finfo(z.dtype).tiny)
+    return centred.pow(4).mean(dim=0) / var.pow(2) - 3.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -440,7 +496,11 @@ class GWAE(nn.Module):
         self.decoder = Decoder(config)
         self.prior = make_prior(config)
         self.critic = Critic(config)
-        self.log_distance_coef = nn.Parameter(torch.tensor(math.log(config.distance_coef_init)))
+        start = config.distance_coef_init
+        self.log_distance_coef = nn.Parameter(torch.tensor(math.log(start if start is not None else 1.0)))
+        # Whether c has its starting value (set, or taken from the data); saved with the weights.
+        self.register_buffer("distance_coef_ready", torch.tensor(start is not None))
+        self.register_load_state_dict_pre_hook(_ready_if_missing)
         self._consecutive_skips = 0
 
     def __reduce__(self):
@@ -456,11 +516,47 @@ class GWAE(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("critic.")]
 
     def make_optimizers(self) -> tuple[torch.optim.RMSprop, torch.optim.RMSprop]:
-        """(model optimiser, critic optimiser): RMSprop at lr and lr_critic, as in the reference code."""
+        """(model optimiser, critic optimiser): RMSprop at lr and lr_critic, as in the reference code, with log c in
+        a group of its own at lr_distance_coef."""
+        cfg = self.config
+        others = [p for p in self.model_parameters() if p is not self.log_distance_coef]
+        groups = [{"params": others}, {"params": [self.log_distance_coef], "lr": cfg.lr_distance_coef}]
         return (
-            torch.optim.RMSprop(self.model_parameters(), lr=self.config.lr),
-            torch.optim.RMSprop(self.critic.parameters(), lr=self.config.lr_critic),
+            torch.optim.RMSprop(groups, lr=cfg.lr),
+            torch.optim.RMSprop(self.critic.parameters(), lr=cfg.lr_critic),
         )
+
+    @torch.no_grad()
+    def init_distance_coef(self, x: Tensor) -> float:
+        """Start c from images x (B, C, H, W): the mean pixel distance between distinct images over √(2·z_dim), the
+        typical distance of two standardised prior samples. Returns c; train_step calls it on its first batch when
+        the config gives no distance_coef_init."""
+        if len(x) < 2 or not torch.isfinite(x).all():
+            raise ValueError(f"init_distance_coef needs >= 2 finite images, got {len(x)} "
+                             f"({'finite' if torch.isfinite(x).all() else 'with NaN or inf'})")
+        n = len(x)
+        mean_distance = pairwise_distances(x.float()).sum() / (n * (n - 1))
+        coef = (mean_distance / math.sqrt(2.0 * self.config.z_dim)).clamp_min(1e-6)
+        self.log_distance_coef.copy_(coef.log().to(self.log_distance_coef))
+        self.distance_coef_ready.fill_(True)
+        return coef.item()
+
+    @torch.no_grad()
+    def prior_health(self, n: int = 4096) -> dict[str, float]:
+        """Excess kurtosis of the prior's marginals over n samples, and their largest |z| in standard deviations:
+        {"prior_kurtosis_mean", "prior_kurtosis_max", "prior_max_abs_z"}. Draws in eval mode on a forked random
+        stream, so training is not perturbed."""
+        was_training = self.prior.training
+        with torch.random.fork_rng(devices=[]):
+            self.prior.eval()
+            try:
+                z = self.prior.sample(n).double()
+            finally:
+                self.prior.train(was_training)
+        kurtosis = excess_kurtosis(z)
+        max_abs = ((z - z.mean(dim=0)).abs() / z.std(dim=0).clamp_min(1e-12)).max()
+        return {"prior_kurtosis_mean": kurtosis.mean().item(), "prior_kurtosis_max": kurtosis.max().item(),
+                "prior_max_abs_z": max_abs.item()}
 
     def _check_images(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.config.image_shape):
@@ -538,6 +634,13 @@ class GWAE(nn.Module):
         mu = self.encode(x)[0]
         return self.critic(self.decode(mu), mu)
 
+    @torch.no_grad()
+    def prior_nll_score(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B,)
+        """−log N(μ(x); 0, I) = ½‖μ‖² + (z/2)·log 2π: the prior-likelihood OoD baseline the paper reports beside
+        the critic's score (higher = more OoD). It ignores the learned prior, as the paper's baseline does."""
+        mu = self.encode(x)[0]
+        return 0.5 * mu.pow(2).sum(dim=1) + 0.5 * mu.shape[1] * math.log(2.0 * math.pi)
+
     def train_step(
         self, x: Tensor, opt_model: torch.optim.Optimizer, opt_critic: torch.optim.Optimizer
     ) -> dict[str, float]:
@@ -548,6 +651,8 @@ class GWAE(nn.Module):
         row raise RuntimeError. Returns the last critic step's terms, the model's terms and c as floats.
         """
         cfg = self.config
+        if not bool(self.distance_coef_ready) and torch.isfinite(x).all():  # a bad batch is skipped below
+            self.init_distance_coef(x)
         critic_params = list(self.critic.parameters())
         critic_skipped = 0
         for _ in range(cfg.critic_steps):
@@ -578,6 +683,11 @@ class GWAE(nn.Module):
             distance_coef=self.distance_coef.item(), skipped=float(not ok), critic_skipped=float(critic_skipped)
         )
         return metrics
+
+
+def _ready_if_missing(module, state_dict, prefix, *args) -> None:
+    """Weights saved before c had a readiness flag come from trained models: their c is set."""
+    state_dict.setdefault(prefix + "distance_coef_ready", torch.tensor(True))
 
 
 def _rebuild_gwae(config: dict, state: dict[str, Tensor], training: bool) -> GWAE:

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (local path or s3://, gs://, ... URI)")
     p.add_argument("--image-size", type=int, metavar="N", help="image side after preparation (default: the source's)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the split (and of the shapes) (default 0)")
-    p.add_argument("--num-examples", type=int, metavar="N", help="how many images to make (source 'shapes' only)")
+    p.add_argument("--num-examples", type=int, metavar="N", help="how many images to make (sources 'shapes', 'regions')")
     p.add_argument("--rgb", action="store_true", help="colour: shapes get a hue factor; folder always keeps 3 channels")
     p.add_argument("--source-path", metavar="P", help="the image folder for source 'folder'")
     p.add_argument("--cache-dir", metavar="D", help="where torchvision sources find (or download) their files")
@@ -67,8 +67,9 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
     if args.path and args.source_path and args.path != args.source_path:
         raise ConfigError(f"got two image folders, {args.path!r} and --source-path {args.source_path!r}; give one")
-    if args.num_examples is not None and args.source != "shapes":
-        raise ConfigError(f"--num-examples applies to source 'shapes' only; {args.source!r} has a fixed size")
+    if args.num_examples is not None and args.source not in ("shapes", "regions"):
+        raise ConfigError(f"--num-examples applies to sources 'shapes' and 'regions' only; {args.source!r} has a "
+                          f"fixed size")
     fields = {
         "path": args.out,
         "source": args.source,

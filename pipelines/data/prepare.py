@@ -103,6 +103,7 @@ def prepare_dataset(
 _CONTENT_FIELDS = {
     "digits": ("image_size", "seed", "val_fraction", "test_fraction"),
     "shapes": ("image_size", "seed", "val_fraction", "test_fraction", "num_examples", "rgb"),
+    "regions": ("image_size", "seed", "val_fraction", "test_fraction", "num_examples", "rgb"),
     "mnist": ("image_size", "seed", "val_fraction"),
     "cifar10": ("image_size", "seed", "val_fraction"),
     "celeba64": ("image_size",),

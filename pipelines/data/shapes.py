@@ -18,20 +18,22 @@ import numpy as np
 
 SHAPES = ("square", "ellipse", "heart", "triangle")
 
-# Rotation covers a quarter turn: the square repeats every quarter turn, so a wider range would make the rotation
-# factor unrecoverable from the pixels for some shapes (every other shape is distinct over this range).
+# Rotation covers an eighth of a turn. The square repeats every quarter turn (the triangle every third, the ellipse
+# every half): over a quarter turn a square at 0 and one at π/2 are the same image, so the factor wrapped round and
+# no code could be read off it. Over [0, π/4] every shape is distinct at every angle and the factor has two ends.
 FACTOR_RANGES: dict[str, tuple[float, float]] = {
     "shape": (0.0, float(len(SHAPES) - 1)),
-    "scale": (0.5, 1.0),
-    "rotation": (0.0, math.pi / 2),
+    "scale": (0.6, 1.0),
+    "rotation": (0.0, math.pi / 4),
     "pos_x": (0.0, 1.0),
     "pos_y": (0.0, 1.0),
     "hue": (0.0, 1.0),
 }
 
 # The sprite's radius in pixels is scale * image_size * _RADIUS; the centre stays far enough from the border that
-# the largest sprite is never clipped, so position and scale are independent factors.
-_RADIUS = 0.25
+# the largest sprite is never clipped, so position and scale are independent factors. At 16×16 a sprite spans 6 to
+# 10 px across (it was 4 to 8 with radius 0.25 and scales from 0.5: shape and rotation were hardly visible).
+_RADIUS = 0.3
 # Images rendered per numpy pass: bounds memory (a few float32 arrays of chunk * size^2) and keeps arrays in cache.
 _CHUNK = 512
 

@@ -2,6 +2,7 @@
 
     digits    scikit-learn's bundled 8x8 handwritten digits (offline), grey levels 0..16 scaled to 0..255
     shapes    procedural sprites with ground-truth factors (offline, any size and count; see shapes.py)
+    regions   four quadrants of independent brightness: ground-truth factors for disentanglement (offline; regions.py)
     mnist     torchvision MNIST, official test set, val carved from the training set
     cifar10   torchvision CIFAR-10, likewise
     celeba64  torchvision CelebA (aligned faces): centre 148x148 crop resized to image_size (64), official splits
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 
+from pipelines.data import regions as regions_mod
 from pipelines.data import shapes as shapes_mod
 from pipelines.data.manifest import DatasetError
 
@@ -133,6 +135,21 @@ def _shapes(cfg: DataConfig, log: Log) -> SourceData:
         factor_names=names,
         factor_ranges=tuple(shapes_mod.FACTOR_RANGES[k] for k in names),
         notes=f"procedural sprites, {n} examples, seed {cfg.seed}, factors drawn independently and uniformly",
+    )
+
+
+def _regions(cfg: DataConfig, log: Log) -> SourceData:
+    size, n = cfg.image_size or 16, cfg.num_examples
+    n_train, n_val, _ = split_sizes(n, cfg.val_fraction, cfg.test_fraction)
+    images, labels, factors = regions_mod.make_regions(n, size, cfg.rgb, cfg.seed)
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+    return SourceData(
+        name=f"regions-{size}" + ("-rgb" if cfg.rgb else ""),
+        splits={k: Split(images[a:b], labels[a:b], factors[a:b]) for k, (a, b) in bounds.items()},
+        label_names=regions_mod.LABELS,
+        factor_names=regions_mod.factor_names(),
+        factor_ranges=tuple(regions_mod.FACTOR_RANGES[k] for k in regions_mod.factor_names()),
+        notes=f"four quadrants of independent uniform brightness, {n} examples, seed {cfg.seed}",
     )
 
 
@@ -329,6 +346,7 @@ def _folder(cfg: DataConfig, log: Log) -> SourceData:
 _SOURCES: dict[str, Callable[..., SourceData]] = {
     "digits": _digits,
     "shapes": _shapes,
+    "regions": _regions,
     "mnist": lambda cfg, log: _mnist_like(cfg, log, "mnist"),
     "cifar10": lambda cfg, log: _mnist_like(cfg, log, "cifar10"),
     "celeba64": _celeba,
