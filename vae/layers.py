@@ -11,16 +11,19 @@ inverted-residual cell, their down/up-sampling variants, and the shift-only auto
 - Down-sampling skip: a factorized reduce, four 1×1 stride-2 convs read at the four offsets of every 2×2 block and
   concatenated (channels ×2), so the skip sees every input pixel rather than one in four. We keep it linear (no
   activation before it) so the skip path stays a pure linear map, as in an ordinary residual network.
-- Up-sampling: nearest-neighbour ×2; the skip is ×2 followed by a 1×1 conv halving the channels, the branch
-  up-samples after its first BN.
-- Flow cell: z' = z − μ(z) with μ autoregressive (μ at a position depends on z only at strictly earlier positions in
-  raster order, or reverse raster order when mirrored), so the Jacobian is unit-triangular and log|det| = 0, as in
-  NVAE's released flows. Departure: our masks order whole positions (all channels of a position together) instead of
-  also ordering channels within a position; that is still a valid autoregressive order and needs no channel-degree
-  bookkeeping. The flow does not see x: one bijection shared by q(·|x) and q(·|t(x)) keeps the CR-VAE KL between
-  them exact when computed on the base Normals (KL is invariant under a common bijection).
+- Up-sampling: the branch up-samples nearest-neighbour ×2 after its first BN (the same statistics as before it:
+  nearest up-sampling repeats every value 4 times); the skip is bilinear ×2 (corners aligned) followed by a
+  bias-free 1×1 conv halving the channels, as in NVAE.
+- Flow cell (NVAE's shift-only autoregressive cell): z' = z − μ(z), μ autoregressive in the order "position in raster
+  order, then channel index": μ for channel c at position p sees every channel at strictly earlier positions and the
+  channels < c at p (the mirrored cell reverses the positions, not the channels). The Jacobian is unit-triangular
+  and log|det| = 0, as in NVAE's released flows. The flow does not see x: one bijection shared by q(·|x) and
+  q(·|t(x)) keeps the CR-VAE KL between them exact when computed on the base Normals (KL is invariant under a common
+  bijection).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -87,11 +90,23 @@ class Conv2d(nn.Conv2d):
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
 
-class MaskedConv2d(Conv2d):
-    """Autoregressive conv over spatial positions in raster order (row by row, left to right).
+def _channel_degrees(channels: int, ordered: int) -> Tensor:
+    """Each of `channels` channels' place in an order of `ordered` latent channels: consecutive blocks of
+    channels/ordered channels share one degree (a layer `ratio` times wider than the latent carries `ratio` features
+    per latent channel)."""
+    return torch.arange(channels) * ordered // channels
 
-    mask "A": a position sees only strictly earlier positions; mask "B": earlier positions and itself. Mirrored, the
-    order is reversed (the mask is rotated by 180°).
+
+class MaskedConv2d(Conv2d):
+    """Weight-normalised autoregressive conv, ordered by spatial position (raster order: row by row, left to right)
+    and, within a position, by channel.
+
+    Every channel has a degree, its place in the latent ordering (`_channel_degrees`, with as many degrees as the
+    narrower side of the conv has channels). Taps at strictly earlier positions connect every input to every output;
+    the centre tap connects input degree d_in to output degree d_out only if d_in < d_out (mask "A") or d_in <= d_out
+    (mask "B"); later positions are cut. A depthwise conv (groups = channels) keeps or cuts its centre tap as a whole.
+    Mirrored, the spatial order is reversed (the kernel mask is rotated by 180°); the channel order stays.
+    `init_scale` multiplies the initial weight norm (log g starts at log ‖V‖ + log init_scale).
     """
 
     def __init__(
@@ -102,22 +117,46 @@ class MaskedConv2d(Conv2d):
         mask_type: str,
         mirror: bool = False,
         groups: int = 1,
+        bias: bool = True,
+        init_scale: float = 1.0,
     ) -> None:
         if mask_type not in ("A", "B"):
             raise ValueError(f"MaskedConv2d: mask_type {mask_type!r} must be 'A' (strictly earlier) or 'B' (with self)")
-        if mask_type == "A" and kernel_size < 2:
-            raise ValueError("MaskedConv2d: a mask-A conv needs kernel_size >= 2 (a 1x1 mask-A kernel is all zero)")
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"MaskedConv2d: kernel_size {kernel_size} must be odd (the centre tap is the position)")
+        depthwise = groups > 1
+        if depthwise and not groups == in_channels == out_channels:
+            raise ValueError(
+                f"MaskedConv2d: groups={groups} is only supported as a depthwise conv (groups = in_channels = "
+                f"out_channels), got in={in_channels}, out={out_channels}; use groups=1 or a depthwise layer"
+            )
+        if not depthwise and in_channels % out_channels and out_channels % in_channels:
+            raise ValueError(
+                f"MaskedConv2d: {in_channels} -> {out_channels} channels cannot share a channel order; one count must "
+                "be a multiple of the other (e.g. the latent channels × an integer expansion)"
+            )
+        if not init_scale > 0:
+            raise ValueError(f"MaskedConv2d: init_scale {init_scale} must be > 0 (it scales the initial weight norm)")
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=bias)
         c = kernel_size // 2
-        mask = torch.zeros(kernel_size, kernel_size)
-        mask[:c, :] = 1.0
-        mask[c, :c] = 1.0
-        if mask_type == "B":
-            mask[c, c] = 1.0
+        spatial = torch.zeros(kernel_size, kernel_size)
+        spatial[:c, :] = 1.0
+        spatial[c, :c] = 1.0
+        mask = spatial.expand(out_channels, in_channels // groups, kernel_size, kernel_size).clone()
+        if depthwise:
+            centre = torch.full((out_channels, 1), 1.0 if mask_type == "B" else 0.0)
+        else:
+            ordered = min(in_channels, out_channels)
+            d_out = _channel_degrees(out_channels, ordered)[:, None]
+            d_in = _channel_degrees(in_channels, ordered)[None, :]
+            centre = (d_in < d_out) if mask_type == "A" else (d_in <= d_out)
+        mask[:, :, c, c] = centre.float()
         if mirror:
-            mask = mask.flip(0, 1)
-        self.register_buffer("mask", mask.view(1, 1, kernel_size, kernel_size), persistent=False)
+            mask = mask.flip(2, 3)
+        self.register_buffer("mask", mask, persistent=False)
         self.reset_log_norm()
+        with torch.no_grad():
+            self.log_weight_norm.add_(math.log(init_scale))
 
     def direction(self) -> Tensor:
         return self.weight * self.mask
@@ -177,8 +216,16 @@ class EncoderCell(nn.Module):
 
 
 class Upsample(nn.Module):
+    mode = "nearest"  # also what a model pickled before `mode` existed gets
+
+    def __init__(self, mode: str = "nearest") -> None:
+        super().__init__()
+        self.mode = mode
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.mode == "bilinear":
+            return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+        return F.interpolate(x, scale_factor=2.0, mode=self.mode)
 
 
 class DepthwiseConv(Conv2d):
@@ -198,8 +245,8 @@ class DecoderCell(nn.Module):
     Swish, 1×1 back, BN, SE; out = skip + 0.1·branch. The inner convs are not weight-normalised and have no bias
     (a BN follows each).
 
-    up=True: the branch up-samples ×2 after its first BN and the output has half the channels; the skip is ×2 then a
-    weight-normalised 1×1 conv. (B, C, H, W) -> (B, C, H, W), or (B, C/2, 2H, 2W) when up-sampling.
+    up=True: the branch up-samples ×2 after its first BN and the output has half the channels; the skip is bilinear ×2
+    then a weight-normalised 1×1 conv without bias. (B, C, H, W) -> (B, C, H, W), or (B, C/2, 2H, 2W) when up-sampling.
     """
 
     def __init__(self, channels: int, expand: int = 6, up: bool = False, use_se: bool = True) -> None:
@@ -221,27 +268,31 @@ class DecoderCell(nn.Module):
             batch_norm(out),
             SqueezeExcite(out) if use_se else nn.Identity(),
         )
-        self.skip = nn.Sequential(Upsample(), Conv2d(channels, out, 1)) if up else nn.Identity()
+        self.skip = nn.Sequential(Upsample("bilinear"), Conv2d(channels, out, 1, bias=False)) if up else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.skip(x) + RESIDUAL_SCALE * self.branch(x)
 
 
 class ShiftFlowCell(nn.Module):
-    """One shift-only autoregressive flow step z' = z − μ(z), log|det ∂z'/∂z| = 0.
+    """One shift-only autoregressive flow step z' = z − μ(z), log|det ∂z'/∂z| = 0 (NVAE's released flow cell).
 
-    μ: mask-A 5×5 conv (C_z → 6·C_z), ELU, mask-B depthwise 5×5, ELU, 1×1 (→ C_z). (B, C_z, h, w) -> same.
+    μ: mask-A 3×3 conv (C_z → 6·C_z, no bias), ELU, mask-B depthwise 5×5 (no bias), ELU, ELU, mask-B 1×1 (→ C_z,
+    with bias, its weight norm starting at 0.1 of the usual so that the cell starts near the identity). The doubled
+    ELU is NVAE's: its inverted-residual block ends with an ELU and its μ head starts with one. Every conv is
+    weight-normalised. (B, C_z, h, w) -> same.
     """
 
     def __init__(self, latent_channels: int, mirror: bool = False, expand: int = 6) -> None:
         super().__init__()
         hidden = latent_channels * expand
         self.mu = nn.Sequential(
-            MaskedConv2d(latent_channels, hidden, 5, "A", mirror),
+            MaskedConv2d(latent_channels, hidden, 3, "A", mirror, bias=False),
             nn.ELU(),
-            MaskedConv2d(hidden, hidden, 5, "B", mirror, groups=hidden),
+            MaskedConv2d(hidden, hidden, 5, "B", mirror, groups=hidden, bias=False),
             nn.ELU(),
-            MaskedConv2d(hidden, latent_channels, 1, "B", mirror),
+            nn.ELU(),
+            MaskedConv2d(hidden, latent_channels, 1, "B", mirror, init_scale=0.1),
         )
 
     def forward(self, z: Tensor) -> Tensor:

@@ -203,24 +203,69 @@ def test_weight_norm_conv_starts_at_its_raw_weight_and_has_the_learned_norm():
 
 
 @pytest.mark.parametrize("mirror", [False, True])
-def test_shift_flow_cell_is_autoregressive_with_unit_jacobian(mirror):
+def test_shift_flow_cell_is_autoregressive_over_positions_then_channels(mirror):
+    """∂μ/∂z is strictly lower-triangular in the order (raster position, reversed when mirrored; then channel): μ_c
+    at p sees every channel at earlier positions and the channels < c at p, and it does use both."""
     torch.manual_seed(0)
-    c, h, w = 2, 3, 3
+    c, h, w = 3, 4, 4
     cell = ShiftFlowCell(c, mirror=mirror)
     z = torch.randn(1, c, h, w)
-    jac = torch.autograd.functional.jacobian(lambda v: cell(v), z).reshape(c * h * w, c * h * w)
-    position = torch.arange(h * w).repeat(c)  # flat index (channel, row, col) -> raster position
-    later = position[:, None] < position[None, :]  # output position before input position
-    earlier = position[:, None] > position[None, :]
-    off_block = jac - torch.eye(c * h * w)
+    jac = torch.autograd.functional.jacobian(lambda v: cell.mu(v), z).reshape(c * h * w, c * h * w)
+    channel = torch.arange(c).repeat_interleave(h * w)  # flat index (channel, row, col) -> channel
+    position = torch.arange(h * w).repeat(c)  # -> raster position
+    if mirror:
+        position = h * w - 1 - position
+    order = position * c + channel  # rank in the autoregressive order
+    allowed = order[None, :] < order[:, None]  # input strictly before output
+    assert jac[~allowed].abs().max() == 0, "μ depends on itself or on a later (position, channel)"
     same = position[:, None] == position[None, :]
-    assert off_block[same].abs().max() == 0, "an output never depends on its own position except through z itself"
-    assert off_block[later if not mirror else earlier].abs().max() == 0, "outputs see only one side of the order"
-    assert off_block[earlier if not mirror else later].abs().max() > 1e-3, "the shift is not trivially zero"
-    assert torch.linalg.slogdet(jac).logabsdet.abs() < 1e-5
+    within = allowed & same
+    for out_channel in range(1, c):  # μ_c at a position reads the lower channels there
+        rows = channel == out_channel
+        assert jac[rows][within[rows]].abs().max() > 1e-4
+    assert jac[allowed & ~same].abs().max() > 1e-4, "μ ignores the earlier positions"
+    flow_jac = torch.autograd.functional.jacobian(lambda v: cell(v), z).reshape(c * h * w, c * h * w)
+    perm = torch.argsort(order)
+    torch.testing.assert_close(flow_jac[perm][:, perm].triu(), torch.eye(c * h * w))  # unit lower-triangular
     paired = PairedFlow(c)
     jac2 = torch.autograd.functional.jacobian(lambda v: paired(v), z).reshape(c * h * w, c * h * w)
     assert torch.linalg.slogdet(jac2).logabsdet.abs() < 1e-4
+
+
+def test_flow_cell_layers_and_the_small_mu_init():
+    """NVAE's cell: a mask-A 3×3 conv to 6·C_z, a mask-B depthwise 5×5, a mask-B 1×1 to C_z whose weight norm starts
+    at 0.1·‖V‖; every masked kernel keeps its later positions at zero."""
+    from vae.layers import MaskedConv2d
+
+    torch.manual_seed(0)
+    cell = ShiftFlowCell(4)
+    convs = [m for m in cell.modules() if isinstance(m, MaskedConv2d)]
+    assert [tuple(m.weight.shape) for m in convs] == [(24, 4, 3, 3), (24, 1, 5, 5), (4, 24, 1, 1)]
+    assert [m.bias is not None for m in convs] == [False, False, True]
+    first, depthwise, mu = convs
+    assert first.mask[:, :, 1, 1].sum() == sum(6 * d for d in range(4))  # hidden block d reads latent channels < d
+    assert first.mask[:, :, 2, :].sum() == 0 and first.mask[:, :, 1, 2].sum() == 0
+    assert depthwise.mask[:, 0, 2, 2].min() == 1  # mask B keeps the depthwise centre
+    v = mu.weight * mu.mask
+    torch.testing.assert_close(mu.effective_weight().flatten(1).norm(dim=1), 0.1 * v.flatten(1).norm(dim=1),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, params",
+    [
+        ("cifar10", {}, 130_852_480),
+        ("cifar10", {"num_nf": 0}, 129_215_680),
+        ("celeba64", {}, 153_281_364),
+        ("celeba64", {"num_nf": 0}, 151_371_764),
+        ("mnist", {}, 33_363_134),
+    ],
+)
+def test_parameter_counts_match_the_official_builds(name, overrides, params):
+    """NVAE's own model at its README flags has exactly these counts (built on the meta device: shapes only)."""
+    with torch.device("meta"):
+        model = NVAE(NVAEConfig.preset(name, **overrides))
+    assert sum(p.numel() for p in model.parameters()) == params
 
 
 # ---------------------------------------------------------------------------------------------------------------
