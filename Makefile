@@ -17,12 +17,14 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
-# The whole pipeline on the embedded default: local Ray, sqlite MLflow store, offline data.
+# The whole pipeline on the embedded default: local Ray (127.0.0.1 only, Ray's token auth), sqlite MLflow store,
+# offline data.
 demo: $(VENV)/.installed
-	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/vaepipe demo $(CONFIG)
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/vaepipe demo $(CONFIG)
 
+# tests/conftest.py settles Ray's settings for the test process (its local Ray listens on 127.0.0.1 only).
 test: $(VENV)/.installed
-	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -28,28 +28,85 @@ class StageResult:
         return f"{self.stage}: run {self.run_id}  model {reg}  {keys}"
 
 
+LOOPBACK = "127.0.0.1"
+# Ray reads this once, at import, to pick the node's address: "0" makes it use the loopback address, which is how
+# Ray runs on machines it treats as single-node (macOS, Windows). Every Ray server binds to the node's address.
+_RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS) or start a local Ray sized for small machines.
 
     Locally the logical CPU count is overcommitted (2× the cores, at least 4): Ray Data's read tasks need CPU slots
-    next to the train workers, or a 2-core machine "may hang forever" (PLATFORM.md)."""
+    next to the train workers, or a 2-core machine "may hang forever" (PLATFORM.md). The local Ray listens on the
+    loopback interface only and keeps Ray's token authentication (see `start_local_ray`)."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        # A cluster's authentication is the cluster's: RAY_AUTH_MODE / RAY_AUTH_TOKEN reach Ray unchanged.
         ray.init(address=address)
         return
     cores = os.cpu_count() or 2
-    ray.init(
-        address="local",  # our own local Ray; a cluster is reached only through --address or RAY_ADDRESS
+    start_local_ray(
         num_cpus=max(4, 2 * cores),
-        include_dashboard=False,
         object_store_memory=min(2 * 1024**3, max(512 * 1024**2, _memory_bytes() // 8)),
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")}},
+        runtime_env={"env_vars": {"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")}},
     )
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Start a Ray on this machine that nothing outside it can reach, and connect to it.
+
+    Ray's default local node takes the address of the default route and its GCS, raylet, object manager, workers
+    and agents listen on all interfaces; anyone who reaches those ports can run code as this user. Here the node's
+    address is 127.0.0.1, so every Ray server binds to the loopback interface, with no dashboard. Authentication
+    stays on: without RAY_AUTH_MODE set, Ray turns on token mode for a new local cluster (the token is created in
+    ~/.ray/auth_token, kept readable by this user only), so other users of a shared machine cannot use the loopback
+    ports either. An explicit RAY_AUTH_MODE (read by Ray when it is imported) is respected."""
+    import ray
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_RAY_SINGLE_NODE_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_SINGLE_NODE_ENV] = "0"  # inherited by the GCS, the raylet and every worker they start
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already
+    try:
+        ray.init(
+            address="local",  # our own local Ray; a cluster is reached only through --address or RAY_ADDRESS
+            _node_ip_address=LOOPBACK,
+            include_dashboard=False,
+            dashboard_host=LOOPBACK,
+            **init_kwargs,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_SINGLE_NODE_ENV, None)
+        else:
+            os.environ[_RAY_SINGLE_NODE_ENV] = saved_env
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the local Ray came up on {node_ip}, not {LOOPBACK}, so other machines could reach it; it was stopped. "
+            f"This Ray version ignores the loopback setting: pin ray to the version in pyproject.toml"
+        )
+    _private_token_file()
+
+
+def _private_token_file() -> None:
+    # Ray writes a new token with the default umask (often world-readable).
+    from pathlib import Path
+
+    token = Path.home() / ".ray" / "auth_token"
+    try:
+        if token.is_file() and token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+    except OSError:
+        pass
 
 
 def _memory_bytes() -> int:

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 # Set before Ray or MLflow is imported anywhere in the test process.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.59 turns on token auth for local clusters
+# Ray >= 2.59 turns on token auth for new local clusters (the stages keep it); the test Ray listens on 127.0.0.1 only.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -49,18 +50,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for the session: 4 logical CPUs overcommitted on 2 cores so Ray Data read tasks never starve
-    the train workers (PLATFORM.md), a small object store, no dashboard."""
+    the train workers (PLATFORM.md), a small object store, no dashboard, loopback only."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
-        address="local",  # a fresh local Ray even when a `ray start --head` runs on this machine (test_submit)
+    from pipelines.common import start_local_ray
+
+    # A fresh local Ray even when a `ray start --head` runs on this machine (test_submit), bound to 127.0.0.1 as
+    # the stages' own local Ray is.
+    start_local_ray(
         num_cpus=4,
-        include_dashboard=False,
         object_store_memory=512 * 1024**2,
         log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}},
+        runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},
     )
     try:
         ctx = ray.data.DataContext.get_current()

@@ -1,0 +1,143 @@
+"""What vaepipe exposes and what it writes down: the local Ray listens on loopback only; credentials never reach
+the MLflow store, artifacts, the console or Ray's logs. Real local Ray, real sqlite store and `mlflow server`."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from _netprobe import is_loopback, listening_sockets, process_tree
+from pipelines.redaction import MASK, redact_text, redact_value, split_credentials
+
+REPO = Path(__file__).resolve().parents[2]
+VAEPIPE = Path(sys.executable).with_name("vaepipe")
+
+
+# ------------------------------------------------------------------------------------------------ redaction
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("postgresql://bob:pw@db/mlflow", "postgresql://****@db/mlflow"),
+    ("postgresql+psycopg2://bob:p%40ss@db:5432/m", "postgresql+psycopg2://****@db:5432/m"),
+    ("http://alice:pw@host:5055", "http://****@host:5055"),
+    ("s3://AKIA:xyz@bucket/k and http://u@h/x", "s3://****@bucket/k and http://****@h/x"),
+    ("https://host:5000/path?q=a@b", "https://host:5000/path?q=a@b"),  # an '@' after the host is no user-info
+    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),  # nor one inside a path
+    ("no uri here", "no uri here"),
+])
+def test_the_user_info_of_any_uri_is_masked(text, shown):
+    assert redact_text(text) == shown
+
+
+def test_secret_named_keys_are_masked_whole_and_nested_values_redacted():
+    assert redact_value("db_password", "hunter2") == MASK
+    assert redact_value("AWS_SECRET_ACCESS_KEY", "k") == MASK
+    assert redact_value("tracking.api_token", "t") == MASK
+    assert redact_value("train.lr", 0.01) == 0.01
+    assert redact_value("tracking.tracking_uri", "postgresql://b:pw@db/m") == "postgresql://****@db/m"
+    assert redact_value("x", {"token": "t", "uri": "http://u:p@h"}) == {"token": MASK, "uri": "http://****@h"}
+
+
+def test_http_credentials_split_into_mlflows_variables():
+    assert split_credentials("http://alice:p%40ss@host:5055/x") == ("http://host:5055/x", "alice", "p@ss")
+    assert split_credentials("http://host:5055") == ("http://host:5055", None, None)
+
+
+# ------------------------------------------------------------------------------------------------ local Ray
+
+
+def _ray_sockets(pids: set[int]) -> list[tuple[str, int, int, str]]:
+    return [s for s in listening_sockets(pids) if "ray" in s[3] or "gcs_server" in s[3] or "raylet" in s[3]]
+
+
+def test_the_session_ray_listens_on_loopback_only(ray_local):
+    import ray
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    ray.get([pid.remote() for _ in range(2)])  # workers up, with their own ports
+    sockets = _ray_sockets(process_tree(os.getpid()))
+    names = {s[3] for s in sockets}
+    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), sockets
+    exposed = [s for s in sockets if not is_loopback(s[0])]
+    assert not exposed, f"Ray ports reachable from other machines: {exposed}"
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+
+
+def _grep_tree(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if needle in path.read_bytes():
+                    hits.append(str(path))
+            except OSError:
+                pass
+    return hits
+
+
+def _sqlite_dump(db: Path) -> str:
+    con = sqlite3.connect(db)
+    try:
+        return "\n".join(con.iterdump())
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_a_train_run_exposes_no_port_and_writes_no_credential(digits16, mlflow_server, tmp_path):
+    """`vaepipe train` as a user runs it (Ray's default token auth, no RAY_AUTH_MODE), tracking to a live
+    `mlflow server` through a `user:password@` URI, with a credential planted in a config value: every socket of
+    the run's process tree listens on loopback, and neither password appears anywhere it wrote."""
+    uri_secret, value_secret = "PLANTED-uri-pw-5a1f", "PLANTED-value-pw-9c2e"
+    host = mlflow_server.uri.removeprefix("http://")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vps", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_AUTH"))}
+    env.update(MLFLOW_TRACKING_URI=f"http://alice:{uri_secret}@{host}", RAY_TMPDIR=str(ray_tmp),
+               HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    workdir = tmp_path / "work"
+    cmd = [str(VAEPIPE), "train", str(REPO / "configs" / "demo.yaml"),
+           "--set", f"data.path={digits16}", "--set", f"tracking.workdir={workdir}",
+           "--set", f"data.cache_dir=s3://AKIAEXAMPLE:{value_secret}@bucket/cache",
+           "--set", "train.epochs=1", "--set", "train.max_steps=12", "--set", "train.checkpoint_every_steps=6",
+           "--set", "train.log_every_steps=3", "--set", "train.val_iw_examples=16", "--set", "name=sec"]
+    seen: dict[tuple[str, int, str], None] = {}
+    log = tmp_path / "console.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            while proc.poll() is None:
+                for addr, port, _, name in listening_sockets(process_tree(proc.pid)):
+                    seen[(addr, port, name)] = None
+                time.sleep(0.3)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+    console = log.read_text(errors="replace")
+    assert proc.returncode == 0, console[-4000:]
+    sockets = sorted(seen)
+    print("\n[figure] listening sockets of `vaepipe train` and its Ray:")
+    for addr, port, name in sockets:
+        print(f"  {addr}:{port}  {name}")
+    assert any("gcs_server" in n for _, _, n in sockets) and any("raylet" in n for _, _, n in sockets), sockets
+    exposed = [s for s in sockets if not is_loopback(s[0])]
+    assert not exposed, f"reachable from other machines: {exposed}"
+    assert (tmp_path / "home" / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # token auth on, token private
+
+    for secret in (uri_secret, value_secret):
+        needle = secret.encode()
+        assert secret not in console
+        assert secret not in _sqlite_dump(mlflow_server.root / "mlflow.db")
+        assert not _grep_tree(mlflow_server.root / "artifacts", needle)
+        assert not _grep_tree(workdir, needle)  # Ray storage: checkpoints and their config.yaml
+        assert not _grep_tree(ray_tmp, needle)  # Ray's session logs, runtime envs, worker output
+    assert "s3://****@bucket/cache" in _sqlite_dump(mlflow_server.root / "mlflow.db")  # logged, masked
