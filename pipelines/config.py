@@ -42,6 +42,12 @@ class DataConfig(Config):
     rgb: bool = False
     val_fraction: float = dataclasses.field(default=0.1, metadata=in_range(0.0, 0.5))
     test_fraction: float = dataclasses.field(default=0.1, metadata=in_range(0.0, 0.5))
+    # How the stored grey levels reach the model (the Parquet keeps them as they are). "dynamic": every time an
+    # image is drawn for training it is x ~ Bernoulli(grey level); validation and evaluation draw with a fixed seed,
+    # so their figures repeat. The Bernoulli decoder needs it (binarised MNIST).
+    binarize: Literal["none", "dynamic"] = "none"
+    # Random horizontal flips of training images (CIFAR-10, CelebA); never applied to validation or test images.
+    hflip: bool = False
 
     def validate(self) -> None:
         if self.image_size is not None and self.image_size < 4:
@@ -68,7 +74,9 @@ class TrackingConfig(Config):
 class TrainConfig(Config):
     _prefix: ClassVar[str] = "train."
     epochs: int = dataclasses.field(default=10, metadata=positive())
-    batch_size: int = dataclasses.field(default=64, metadata=positive())  # per worker
+    # The GLOBAL batch: images per optimizer step over all workers (a recipe means the same on 1 worker or 64).
+    # Each worker takes batch_size / num_workers of them (`worker_batch_size`), so it must divide evenly.
+    batch_size: int = dataclasses.field(default=128, metadata=positive())
     num_workers: int = dataclasses.field(default=2, metadata=in_range(0, None))
     use_gpu: bool = False
     cpus_per_worker: float = dataclasses.field(default=1.0, metadata=positive())
@@ -78,10 +86,11 @@ class TrainConfig(Config):
     weight_decay: float = dataclasses.field(default=3e-4, metadata=non_negative())
     adamax_eps: float = dataclasses.field(default=1e-3, metadata=positive())
     warmup_epochs: float = dataclasses.field(default=5.0, metadata=non_negative())
-    grad_clip: float = dataclasses.field(default=200.0, metadata=positive())
+    # Clip the global gradient norm to this (0 = no clipping, as NVAE).
+    grad_clip: float = dataclasses.field(default=200.0, metadata=non_negative())
     ema_decay: float = dataclasses.field(default=0.999, metadata=in_range(0.0, 1.0))
-    use_ema: bool = True
-    # Mixed precision on GPU (CPU runs stay fp32): bf16 autocast, fp16 with a GradScaler, or none.
+    use_ema: bool = True  # NVAE keeps no EMA: the recipes turn it off
+    # Mixed precision on GPU (CPU runs stay fp32): bf16 autocast, fp16 with a GradScaler (NVAE's), or none.
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     channels_last: bool = True  # GPU only
     # Skip updates whose gradient norm is non-finite or above this (0 = only non-finite); cap skips in a row.
@@ -92,7 +101,8 @@ class TrainConfig(Config):
     log_every_steps: int = dataclasses.field(default=20, metadata=positive())
     checkpoint_every_steps: int = dataclasses.field(default=200, metadata=positive())
     keep_checkpoints: int = dataclasses.field(default=3, metadata=positive())
-    max_failures: int = dataclasses.field(default=1, metadata=non_negative())
+    # Restarts of all workers from the last checkpoint after a worker or node is lost (a divergence is not retried).
+    max_failures: int = dataclasses.field(default=3, metadata=non_negative())
     # Validation importance-weighted NLL: K samples on the first N validation images of each worker.
     val_iw_samples: int = dataclasses.field(default=10, metadata=positive())
     val_iw_examples: int = dataclasses.field(default=128, metadata=non_negative())
@@ -102,9 +112,28 @@ class TrainConfig(Config):
     # Ray storage for checkpoints; None means <tracking.workdir>/ray.
     storage_path: Optional[str] = None
 
+    @property
+    def world_size(self) -> int:
+        return max(1, self.num_workers)  # num_workers=0 trains in one process
+
+    @property
+    def worker_batch_size(self) -> int:
+        """Images each worker takes per step: the global batch split evenly over the workers."""
+        return self.batch_size // self.world_size
+
     def validate(self) -> None:
         if self.lr_min > self.lr:
             raise ConfigError(f"train.lr_min: {self.lr_min} is above train.lr={self.lr}; the cosine decay goes down to lr_min")
+        world = self.world_size
+        if self.batch_size % world:
+            lower = self.batch_size // world * world
+            fits = [n for n in range(1, min(self.batch_size, 64) + 1) if self.batch_size % n == 0]
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} is the global batch and does not divide over "
+                f"train.num_workers={self.num_workers}; set train.batch_size to a multiple of {world} "
+                f"(e.g. {lower or world} or {lower + world}), or train.num_workers to one of "
+                f"{', '.join(map(str, fits[-8:]))}"
+            )
 
 
 def _shapes_data() -> "DataConfig":
@@ -161,6 +190,28 @@ class TuneConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class PaperConfig(Config):
+    """The published figure a recipe reproduces; `vaepipe evaluate` prints the run's own figure beside it."""
+
+    _prefix: ClassVar[str] = "paper."
+    # What the paper reports: NLL in nats (MNIST), bits per dimension (colour images) or Inception FID (NCP-VAE);
+    # None = no figure.
+    metric: Optional[Literal["nll_nats", "bpd", "fid"]] = None
+    value: Optional[float] = dataclasses.field(default=None, metadata=positive())
+    # The split and importance samples K the paper's figure was measured with.
+    split: Literal["train", "val", "test"] = "test"
+    iw_samples: int = dataclasses.field(default=1000, metadata=positive())
+    source: str = ""  # the paper (and table) the figure comes from
+
+    def validate(self) -> None:
+        if (self.metric is None) != (self.value is None):
+            raise ConfigError(
+                f"paper: metric={self.metric!r} and value={self.value!r} go together; set both (e.g. "
+                f"{{metric: nll_nats, value: 78.01}}) or neither"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig(Config):
     _prefix: ClassVar[str] = ""
     # Names the MLflow experiment (vaepipe/<name>) and the registered models (<name>-nvae, ...).
@@ -173,6 +224,7 @@ class PipelineConfig(Config):
     gwae: GWAEConfig = dataclasses.field(default_factory=lambda: GWAEConfig(image_shape=(3, 32, 32)))
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    paper: PaperConfig = dataclasses.field(default_factory=PaperConfig)
 
     STAGES: ClassVar[tuple[str, ...]] = ("train", "ncp", "tune")
 
@@ -184,6 +236,29 @@ class PipelineConfig(Config):
                 hint = difflib.get_close_matches(s, self.STAGES, n=1)
                 more = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise ConfigError(f"stages: {s!r} is not a stage; choose from {', '.join(self.STAGES)}{more}")
+        self._check_data_protocol()
+
+    def _check_data_protocol(self) -> None:
+        """Combinations of data and model that would train, but on figures no paper's protocol gives."""
+        d, m = self.data, self.nvae
+        if m.decoder == "bernoulli" and d.binarize != "dynamic":
+            raise ConfigError(
+                f"data.binarize: {d.binarize!r} feeds grey levels to nvae.decoder='bernoulli', which models binary "
+                f"pixels; set data.binarize=dynamic (each draw is x ~ Bernoulli(grey level), evaluation with a fixed "
+                f"seed), or choose a decoder for grey levels (dml, gaussian_*)"
+            )
+        if d.source == "mnist" and d.image_size in (None, 32) and tuple(m.image_shape[1:]) == (32, 32) and m.crop != 2:
+            raise ConfigError(
+                f"nvae.crop: {m.crop} scores the 2-pixel zero border that data.source=mnist adds around the 28×28 "
+                f"digits (28 padded to 32); set nvae.crop=2 so the likelihood covers the 784 digit pixels"
+            )
+        t = self.tune.data
+        if t.binarize != "none" or t.hflip:
+            key = "binarize" if t.binarize != "none" else "hflip"
+            raise ConfigError(
+                f"tune.data.{key}: {getattr(t, key)!r} is not applied by the tune stage (GWAE trains on the stored "
+                f"images); remove it or set it to {'none' if key == 'binarize' else 'false'}"
+            )
 
     @classmethod
     def from_dict(cls, data, prefix=None):  # type: ignore[override]
@@ -243,17 +318,50 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict:
+    """A config file as plain data. `base: other.yaml` (relative to the file) starts from that file's sections and
+    overrides them key by key, so a recipe built on another repeats none of it (e.g. configs/ncp-mnist.yaml)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/demo.yaml")
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; pass a YAML file such as configs/demo.yaml")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({e}); pass a readable YAML file") from None
+    if data is None:
+        # An empty file is almost always a mistake (a truncated copy, the wrong path); all defaults are one
+        # `name: ...` line away.
+        raise ConfigError(
+            f"config file {str(p)!r} is empty; write at least `name: NAME` in it (every other key has a default), "
+            f"or start from configs/demo.yaml"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (name, data, nvae, train, ...)")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"base: {base!r} in {str(p)!r} must be the path of another config file")
+    base_path = Path(base) if Path(base).is_absolute() else p.parent / base
+    chain = _chain + (str(p.resolve()),)
+    if str(base_path.resolve()) in chain:
+        raise ConfigError(f"base: {base!r} in {str(p)!r} makes a cycle ({' -> '.join(chain)} -> {base_path}); "
+                          f"a config cannot build on itself")
+    if not base_path.exists():
+        raise ConfigError(f"base: {base!r} in {str(p)!r} does not exist (looked for {str(base_path)!r})")
+    return _merge(read_yaml(base_path, chain), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: sections merge key by key, any other value replaces."""
+    out = _deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else _deepcopy(v)
+    return out
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:

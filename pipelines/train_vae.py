@@ -64,14 +64,15 @@ class TrainPlan:
 
 
 def plan_steps(train_examples: int, world: int, batch_size: int, epochs: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `batch_size` images per worker (the global batch / world)."""
     # Every rank must run the same number of steps (DDP and report() are barriers): the streaming split gives each
     # rank floor(N / world) rows, of which we use whole batches only.
     per_rank = train_examples // max(1, world)
     steps_per_epoch = per_rank // batch_size
     if steps_per_epoch < 1:
         raise ConfigError(
-            f"train.batch_size: {batch_size} × {max(1, world)} workers is larger than the {train_examples} training "
-            f"examples; lower train.batch_size or train.num_workers"
+            f"train.batch_size: the global batch of {batch_size * max(1, world)} ({batch_size} per worker × "
+            f"{max(1, world)} workers) is larger than the {train_examples} training examples; lower train.batch_size"
         )
     return steps_per_epoch, steps_per_epoch * epochs
 
@@ -163,7 +164,8 @@ def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(out.loss).backward()
     state.scaler.unscale_(state.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.grad_clip)
+    # grad_clip = 0 measures the norm (for the skip rule and the logs) without clipping.
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.grad_clip or math.inf)
     bad = not torch.isfinite(grad_norm).item() or (t.skip_grad_norm > 0 and grad_norm.item() > t.skip_grad_norm)
     if bad and not state.scaler.is_enabled():
         state.optimizer.zero_grad(set_to_none=True)
@@ -331,13 +333,17 @@ def _heartbeat(plan: TrainPlan, rank: int, step: int) -> None:
 
 
 def _batches(shard, cfg: PipelineConfig, seed: int, train: bool = True):
-    from pipelines.data import iter_torch_batches
+    from pipelines.data.readers import image_transform, iter_torch_batches
 
     shuffle = train and cfg.train.shuffle_buffer > 0
+    # The data protocol acts as images are drawn: training binarises (and flips) afresh with each epoch's seed;
+    # validation binarises with a fixed seed and never flips, so its figures repeat.
+    transform = image_transform(cfg.data.binarize, cfg.data.hflip and train, (seed, int(train)))
     for batch in iter_torch_batches(
         shard,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.worker_batch_size,
         drop_last=train,
+        transform=transform,
         local_shuffle_buffer_size=cfg.train.shuffle_buffer if shuffle else None,
         local_shuffle_seed=seed if shuffle else None,
     ):
@@ -572,7 +578,7 @@ def run_train(
     init_checkpoint = _checkpoint_of_run(tracker, from_run) if from_run else None
     t = cfg.train
     world = max(1, t.num_workers)
-    steps_per_epoch, total_steps = plan_steps(manifest.splits["train"], world, t.batch_size, t.epochs)
+    steps_per_epoch, total_steps = plan_steps(manifest.splits["train"], world, t.worker_batch_size, t.epochs)
 
     own_parent = False
     if resume:
@@ -625,7 +631,8 @@ def run_train(
         ),
         datasets=datasets,
     )
-    print(f"[train] {t.num_workers or 1} worker(s), {steps_per_epoch} steps/epoch × {t.epochs} epochs; "
+    print(f"[train] {t.num_workers or 1} worker(s) × {t.worker_batch_size} images = global batch {t.batch_size}, "
+          f"{steps_per_epoch} steps/epoch × {t.epochs} epochs; "
           f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
     with ending_runs(tracker, run_id, parent_run_id, own_parent):
         result = trainer.fit()

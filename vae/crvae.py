@@ -102,7 +102,9 @@ class BatchTransform:
 
     Calls map x (B, C, H, W) in [0, 1] to the same shape and range. Order: colour jitter (brightness, contrast, hue;
     torchvision randomises this order, a fixed one changes nothing that matters here), then the affine warp, so the
-    area uncovered by the warp stays black as in torchvision.
+    area uncovered by the warp stays black as in torchvision. A binary batch (every value 0 or 1, e.g. dynamically
+    binarised MNIST) stays binary: the warped image is thresholded at 1/2, so t(x) is data a Bernoulli decoder can
+    score.
     """
 
     preset: str
@@ -122,6 +124,7 @@ class BatchTransform:
             )
         if self.preset == "identity":
             return x
+        binary = bool(((x == 0) | (x == 1)).all())
         b, c, h, w = x.shape
 
         def uniform(lo: float, hi: float, *shape: int) -> Tensor:
@@ -139,7 +142,8 @@ class BatchTransform:
         shift = uniform(-self.translate, self.translate, 2) * torch.tensor([w, h], dtype=x.dtype, device=x.device)
         scale = uniform(*self.scale)
         flip = torch.rand(b, generator=generator, device=x.device) < 0.5 if self.vflip else None
-        return affine(x, angle, shift, scale, flip).clamp(0.0, 1.0)
+        out = affine(x, angle, shift, scale, flip).clamp(0.0, 1.0)
+        return (out > 0.5).to(out.dtype) if binary else out
 
 
 _PRESETS = {

@@ -16,11 +16,16 @@ built, and refuse a mismatch with a DatasetError.
     ds = ray_dataset("runs/data/digits16", "train")          # on the driver; TorchTrainer(datasets={"train": ds})
     shard = ray.train.get_dataset_shard("train")             # in the worker
     for batch in iter_torch_batches(shard, batch_size=64, drop_last=True): ...
+
+The papers' data protocols act when images are drawn, never on the stored pixels (the Parquet keeps grey levels):
+`binarize="dynamic"` makes every draw x ~ Bernoulli(grey level) and `hflip=True` flips a random half of the images
+left to right. `image_transform` builds that step for any stream of batches; the pyarrow readers take the same
+switches. Training streams draw afresh each epoch; evaluation streams use a fixed seed, so their figures repeat.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -43,6 +48,57 @@ def _scale(image: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     pixels = image.numpy() if isinstance(image, torch.Tensor) else image
     out = torch.from_numpy(np.multiply(pixels, np.float32(1.0 / 255.0), dtype=np.float32))
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- data protocols
+
+BINARIZE_MODES = ("none", "dynamic")
+
+
+def protocol_generator(seed: int | Sequence[int]) -> torch.Generator:
+    """A CPU generator for the protocol's random draws, seeded from one int or a tuple (e.g. seed, rank, epoch)."""
+    parts = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    state = np.random.SeedSequence([p % 2**63 for p in parts]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def binarize_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x ~ Bernoulli(p) per pixel, p = the grey level in [0, 1]; returns 0/1 in the input's dtype and device."""
+    if not images.is_floating_point():
+        raise ValueError(f"binarisation needs grey levels in [0, 1] (a float tensor), got {images.dtype}; "
+                         f"read the images with a float image_dtype")
+    u = torch.rand(images.shape, generator=generator, dtype=images.dtype)  # on the generator's (CPU) device
+    return (u.to(images.device) < images).to(images.dtype)
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image (B, C, H, W) flipped left to right with probability 1/2."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def image_transform(
+    binarize: str = "none", hflip: bool = False, seed: int | Sequence[int] = 0
+) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The protocol's per-draw step for a stream of (B, C, H, W) image batches, or None when it does nothing.
+
+    One generator, seeded by `seed`, serves the whole stream in order: the same seed over the same batches gives the
+    same images. Give training a seed that changes every epoch (fresh draws) and evaluation a fixed one.
+    """
+    if binarize not in BINARIZE_MODES:
+        raise ValueError(f"binarize={binarize!r}; choose one of {', '.join(BINARIZE_MODES)}")
+    if binarize == "none" and not hflip:
+        return None
+    generator = protocol_generator(seed)
+
+    def transform(images: torch.Tensor) -> torch.Tensor:
+        if hflip:
+            images = random_hflip(images, generator)
+        if binarize == "dynamic":
+            images = binarize_images(images, generator)
+        return images
+
+    return transform
 
 
 def to_torch_batch(batch: dict[str, Any], image_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -87,6 +143,9 @@ class ParquetImageReader:
     With `shuffle`, every epoch visits the shards in a new order and mixes the rows of `shuffle_window` shards at a
     time (a full shuffle for datasets of up to that many shards, about 5,000 64x64 RGB images each). The order
     depends only on `seed` and the epoch: each pass over the reader is the next epoch, or call `set_epoch`.
+
+    `binarize` and `hflip` apply the data protocol as batches are drawn (float images only). With `shuffle` (a
+    training stream) the draws change with the epoch; without it (an evaluation stream) every pass draws the same.
     """
 
     def __init__(
@@ -101,7 +160,13 @@ class ParquetImageReader:
         shuffle_window: int = 2,
         verify: bool = True,
         filesystem: Optional[pafs.FileSystem] = None,
+        binarize: str = "none",
+        hflip: bool = False,
     ) -> None:
+        if (binarize != "none" or hflip) and not image_dtype.is_floating_point:
+            raise ValueError(f"binarize={binarize!r} / hflip={hflip} act on float images; use a float image_dtype")
+        image_transform(binarize, hflip)  # refuses an unknown mode now, not at the first batch
+        self.binarize, self.hflip = binarize, hflip
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if shuffle_window < 1:
@@ -124,6 +189,8 @@ class ParquetImageReader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         rng = np.random.default_rng([self.seed, epoch])
+        self._transform = image_transform(self.binarize, self.hflip,
+                                          (self.seed, epoch) if self.shuffle else (self.seed,))
         shards = list(self.manifest.shards[self.split])
         if self.shuffle:
             shards = [shards[i] for i in rng.permutation(len(shards))]
@@ -147,9 +214,12 @@ class ParquetImageReader:
             yield self._batch(*carry, 0, len(carry[0]))
 
     def _batch(self, images: np.ndarray, labels: np.ndarray, factors: np.ndarray, lo: int, hi: int) -> dict:
-        return to_torch_batch(
+        batch = to_torch_batch(
             {"image": images[lo:hi], "label": labels[lo:hi], "factors": factors[lo:hi]}, self.image_dtype
         )
+        if self._transform is not None:
+            batch["image"] = self._transform(batch["image"])
+        return batch
 
 
 def load_split(
@@ -158,12 +228,24 @@ def load_split(
     image_dtype: torch.dtype = torch.float32,
     verify: bool = True,
     filesystem: Optional[pafs.FileSystem] = None,
+    binarize: str = "none",
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """A whole (small) split as one batch dict, in the order it was written. Holds everything in memory."""
+    """A whole (small) split as one batch dict, in the order it was written. Holds everything in memory.
+
+    `binarize="dynamic"` draws the split's binary images once with `seed` (the evaluation protocol: the same seed
+    gives the same images, whatever batches they are later scored in).
+    """
+    if binarize != "none" and not image_dtype.is_floating_point:
+        raise ValueError(f"binarize={binarize!r} acts on float images; use a float image_dtype")
+    transform = image_transform(binarize, False, seed)
     fs, root, manifest, _ = _open(path, split, filesystem, verify)
     parts = [_read_shard(fs, join(root, s.path), manifest) for s in manifest.shards[split]]
     images, labels, factors = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return to_torch_batch({"image": images, "label": labels, "factors": factors}, image_dtype)
+    batch = to_torch_batch({"image": images, "label": labels, "factors": factors}, image_dtype)
+    if transform is not None:
+        batch["image"] = transform(batch["image"])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------- Ray Data
@@ -200,12 +282,19 @@ def ray_dataset(
 
 
 def iter_torch_batches(
-    data: Any, batch_size: int = 64, image_dtype: torch.dtype = torch.float32, **kwargs: Any
+    data: Any,
+    batch_size: int = 64,
+    image_dtype: torch.dtype = torch.float32,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    **kwargs: Any,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The reader's batch dicts from a `ray_dataset` (or a `get_dataset_shard` iterator of one).
 
-    `kwargs` go to Ray's `iter_torch_batches` (drop_last, local_shuffle_buffer_size, local_shuffle_seed,
-    prefetch_batches, device).
+    `transform` (e.g. from `image_transform`) is applied to each batch's images. `kwargs` go to Ray's
+    `iter_torch_batches` (drop_last, local_shuffle_buffer_size, local_shuffle_seed, prefetch_batches, device).
     """
     for batch in data.iter_torch_batches(batch_size=batch_size, **kwargs):
-        yield to_torch_batch(batch, image_dtype)
+        out = to_torch_batch(batch, image_dtype)
+        if transform is not None:
+            out["image"] = transform(out["image"])
+        yield out

@@ -3,9 +3,11 @@
     digits    scikit-learn's bundled 8x8 handwritten digits (offline), grey levels 0..16 scaled to 0..255
     shapes    procedural sprites with ground-truth factors (offline, any size and count; see shapes.py)
     regions   four quadrants of independent brightness: ground-truth factors for disentanglement (offline; regions.py)
-    mnist     torchvision MNIST, official test set, val carved from the training set
-    cifar10   torchvision CIFAR-10, likewise
-    celeba64  torchvision CelebA (aligned faces): centre 148x148 crop resized to image_size (64), official splits
+    mnist     torchvision MNIST, 28x28 zero-padded to 32x32 (NVAE's protocol; grey levels kept, binarised when
+              drawn); official 10k test set, val carved from the 60k training set
+    cifar10   torchvision CIFAR-10, official 50k/10k split: the official 10k test set, val carved from the 50k
+    celeba64  torchvision CelebA (aligned faces): the 148x148 face box at left 15, top 40 of the 178x218 images,
+              resized to image_size (64); official train/valid/test splits
     folder    any folder of images (recursive), centre-cropped square and resized; labels from sub-folder names
 
 The torchvision sources look for their files in `cache_dir` first and only then try to download them (with a
@@ -36,6 +38,11 @@ Log = Optional[Callable[[str], None]]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Seconds a stalled download may block before the source gives up with the "put the files here" error.
 DOWNLOAD_TIMEOUT_S = 60.0
+# MNIST's 28x28 digits are zero-padded by 2 pixels to 32x32 (NVAE, CR-NVAE), never resized.
+MNIST_PADDED = 32
+# CelebA-64's face box in the 178x218 aligned images (left, top, side): 148x148 starting 15 px from the left and
+# 40 px from the top, the crop NVAE and the VAE-GAN line of work use, then resized to 64x64.
+CELEBA_BOX = (15, 40, 148)
 
 
 @dataclasses.dataclass
@@ -93,6 +100,20 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
         x = torch.from_numpy(images[i : i + step]).float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[i : i + step] = y.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def zero_pad(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, H, W) uint8 centred on a black (zero) size x size canvas: MNIST's 28 -> 32 adds 2 pixels on each side,
+    leaving every digit pixel as it was (a resize would blur the strokes and change the likelihood)."""
+    n, c, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    if size < h or size < w:
+        raise DatasetError(f"cannot zero-pad {h}x{w} images to {size}x{size}: the target is smaller")
+    top, left = (size - h) // 2, (size - w) // 2
+    out = np.zeros((n, c, size, size), dtype=images.dtype)
+    out[:, :, top : top + h, left : left + w] = images
     return out
 
 
@@ -219,12 +240,25 @@ def _mnist_like(cfg: DataConfig, log: Log, source: str) -> SourceData:
         return np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
 
     (x_tr, y_tr), (x_te, y_te) = arrays(train), arrays(test)
+    return _official_split(source, cls.__name__, root, x_tr, y_tr, x_te, y_te, train.classes, cfg)
+
+
+def _official_split(source: str, what: str, root: str, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray,
+                    y_te: np.ndarray, classes, cfg: DataConfig) -> SourceData:
+    """MNIST / CIFAR-10 arrays (N, C, H, W) as the papers use them: the official test set as the test split, val
+    carved from the official training set, MNIST zero-padded to 32 (other sizes resized)."""
     native = x_tr.shape[-1]
-    size = cfg.image_size or native
-    x_tr, x_te = resize(x_tr, size), resize(x_te, size)
+    size = cfg.image_size or (MNIST_PADDED if source == "mnist" else native)
+    if source == "mnist" and size > native:
+        x_tr, x_te = zero_pad(x_tr, size), zero_pad(x_te, size)
+        how = f"zero-padded {native}x{native} -> {size}x{size} (the digits' pixels unchanged)"
+    else:
+        x_tr, x_te = resize(x_tr, size), resize(x_te, size)
+        how = f"bilinear antialiased resize {native} -> {size}" if size != native else ""
     # The official test set stays the test split (comparable numbers); val is carved from the training set.
     idx = split_indices(len(x_tr), cfg.val_fraction, 0.0, cfg.seed)
-    names = tuple(c.split(" - ")[0] for c in train.classes)  # MNIST's classes read "0 - zero"
+    n_train, n_val = len(idx["train"]), len(idx["val"])
+    names = tuple(c.split(" - ")[0] for c in classes)  # MNIST's classes read "0 - zero"
     return SourceData(
         name=f"{source}-{size}",
         splits={
@@ -233,15 +267,31 @@ def _mnist_like(cfg: DataConfig, log: Log, source: str) -> SourceData:
             "test": Split(x_te, y_te),
         },
         label_names=names,
-        notes=f"torchvision {cls.__name__} from {root}; official test set; val = {cfg.val_fraction:g} of train"
-        + (f"; bilinear antialiased resize {native} -> {size}" if size != native else ""),
+        notes=f"torchvision {what} from {root}; official {len(x_tr)}/{len(x_te)} train/test split: test = the "
+        f"official {len(x_te)}-image test set; val = {n_val} images carved (seed {cfg.seed}) from the official "
+        f"training set, which leaves {n_train} for training"
+        + (f"; {how}" if how else "")
+        + ("; stored as grey levels (binarise when drawn: data.binarize=dynamic)" if source == "mnist" else ""),
     )
 
 
+def crop_box(width: int, height: int, crop: Optional[int | tuple[int, int, int]]) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) square a crop takes: None = the largest centred square, an int = a centred
+    square of that side, (left, top, side) = that square exactly."""
+    if isinstance(crop, tuple):
+        left, top, side = crop
+        if left + side > width or top + side > height:
+            raise DatasetError(f"the crop (left {left}, top {top}, side {side}) falls outside a {width}x{height} image")
+        return left, top, left + side, top + side
+    side = crop or min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def _load_images(
-    paths: list[Path], mode: str, size: int, crop: Optional[int], log: Log, what: str
+    paths: list[Path], mode: str, size: int, crop: Optional[int | tuple[int, int, int]], log: Log, what: str
 ) -> np.ndarray:
-    """Decode, centre-crop (to `crop`, or the largest square) and resize image files; (N, C, size, size) uint8.
+    """Decode, crop (see `crop_box`) and resize image files; (N, C, size, size) uint8.
 
     Threads overlap the decoding: PIL releases the GIL while it decodes and resizes.
     """
@@ -250,9 +300,9 @@ def _load_images(
     def one(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert(mode)
-            side = crop or min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side))
+            box = crop_box(im.width, im.height, crop)
+            side = box[2] - box[0]
+            im = im.crop(box)
             if side != size:
                 im = im.resize((size, size), Image.Resampling.BILINEAR)  # PIL widens the filter when shrinking
             a = np.asarray(im)
@@ -271,7 +321,7 @@ def _celeba(cfg: DataConfig, log: Log) -> SourceData:
     tvd = _tv_datasets()
     root = os.path.expanduser(cfg.cache_dir)
     size = cfg.image_size or 64
-    crop = 148  # the centre 148x148 of the 178x218 aligned faces: the crop NVAE and most VAE papers use
+    crop = CELEBA_BOX
     folder = Path(root) / "celeba" / "img_align_celeba"
     splits = {}
     for name, tv_split in (("train", "train"), ("val", "valid"), ("test", "test")):
@@ -283,7 +333,8 @@ def _celeba(cfg: DataConfig, log: Log) -> SourceData:
     return SourceData(
         name=f"celeba-{size}",
         splits=splits,
-        notes=f"torchvision CelebA from {root}; official splits; centre {crop}x{crop} crop, bilinear resize to {size}",
+        notes=f"torchvision CelebA from {root}; official train/valid/test splits; the {crop[2]}x{crop[2]} face box at "
+        f"left {crop[0]}, top {crop[1]} of the 178x218 aligned images, bilinear antialiased resize to {size}",
     )
 
 

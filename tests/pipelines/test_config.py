@@ -103,3 +103,169 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["config", "show", str(DEMO), "--set", "train.epochs=0"]) == 2
     err = capsys.readouterr().err
     assert "vaepipe: error: train.epochs: 0 is out of range" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ shipped recipes
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+RECIPES = {  # file: (global batch, workers, epochs, λ_SR, flows, binarize, hflip, paper metric, paper value)
+    "nvae-mnist": (400, 2, 400, 1e-2, 0, "dynamic", False, "nll_nats", 78.01),
+    "crvae-mnist": (400, 2, 400, 1e-2, 0, "dynamic", False, "nll_nats", 76.93),
+    "nvae-cifar10": (256, 8, 400, 1e-2, 1, "none", True, "bpd", 2.91),
+    "nvae-celeba64": (128, 8, 90, 1e-1, 1, "none", True, "bpd", 2.03),
+}
+
+
+def test_every_shipped_config_loads_validates_and_opens_with_its_command():
+    names = {p.stem for p in CONFIGS}
+    assert {"demo", *RECIPES, "ncp-mnist", "ncp-cifar10", "ncp-celeba64"} <= names
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and "vaepipe " in first and f"configs/{path.name}" in first, path.name
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipes_carry_the_papers_training_setup(recipe):
+    batch, workers, epochs, sr, flows, binarize, hflip, metric, value = RECIPES[recipe]
+    path = REPO / "configs" / f"{recipe}.yaml"
+    cfg = load_config(path)
+    t, m, d = cfg.train, cfg.nvae, cfg.data
+    assert (t.batch_size, t.num_workers, t.epochs) == (batch, workers, epochs)
+    assert t.worker_batch_size * t.num_workers == batch  # 200, 32, 16 per GPU: the README commands
+    assert (t.lr, t.lr_min, t.warmup_epochs, t.weight_decay, t.adamax_eps) == (1e-2, 1e-4, 5, 3e-4, 1e-3)
+    assert (m.kl_anneal_portion, m.kl_const_portion, m.kl_const_coeff) == (0.3, 1e-4, 1e-4)
+    assert (m.lambda_sr, m.sr_anneal, m.num_nf) == (sr, False, flows)
+    # Departures from the paper are off: no EMA, no clipping, fp16 with a GradScaler.
+    assert (t.use_ema, t.grad_clip, t.amp) == (False, 0.0, "fp16")
+    assert (d.binarize, d.hflip) == (binarize, hflip)
+    assert (cfg.paper.metric, cfg.paper.value, cfg.paper.split, cfg.paper.iw_samples) == (metric, value, "test", 1000)
+    assert m.cr_lambda > 0 if recipe.startswith("crvae") else m.cr_lambda == 0
+    if "mnist" in recipe:
+        assert (d.source, d.image_size, m.image_shape, m.crop, m.decoder) == ("mnist", 32, (1, 32, 32), 2, "bernoulli")
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert f"{value:g}" in header and "V100" in header and " h" in header  # figure, hardware and time
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "celeba64"])
+def test_ncp_recipes_build_on_their_nvae_recipe(dataset):
+    base = load_config(REPO / "configs" / f"nvae-{dataset}.yaml")
+    ncp = load_config(REPO / "configs" / f"ncp-{dataset}.yaml")
+    assert ncp.stages == ("ncp",) and ncp.name == base.name  # finds <name>-nvae@candidate, registers <name>-ncp
+    assert (ncp.data, ncp.nvae, ncp.train) == (base.data, base.nvae, base.train)
+    assert ncp.paper != base.paper  # NVAE's figure is not NCP-VAE's
+    assert ncp.paper.metric in (None, "fid")
+
+
+def test_demo_keeps_its_effective_batch():
+    cfg = load_config(DEMO)
+    assert (cfg.train.batch_size, cfg.train.num_workers, cfg.train.worker_batch_size) == (128, 2, 64)
+
+
+# ------------------------------------------------------------------------------------------- global batch
+
+
+def test_batch_size_is_global_and_split_evenly_over_workers():
+    assert TrainConfig(batch_size=400, num_workers=2).worker_batch_size == 200
+    assert TrainConfig(batch_size=400, num_workers=8).worker_batch_size == 50
+    assert TrainConfig(batch_size=400, num_workers=0).worker_batch_size == 400  # in-process: one worker
+    assert TrainConfig(batch_size=7, num_workers=1).worker_batch_size == 7
+    with pytest.raises(ConfigError, match=r"train.batch_size: 400 is the global batch.*num_workers=3.*multiple of 3"):
+        TrainConfig(batch_size=400, num_workers=3)
+    # The same recipe on another cluster size: the per-worker batch changes, the global one never does.
+    for workers in (1, 2, 4, 8, 16):
+        cfg = load_config(REPO / "configs" / "nvae-mnist.yaml", [f"train.num_workers={workers}"])
+        assert cfg.train.worker_batch_size * workers == 400
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(REPO / "configs" / "nvae-cifar10.yaml", ["train.num_workers=3"])
+
+
+def test_plan_uses_the_worker_batch():
+    from pipelines.train_vae import plan_steps
+
+    cfg = load_config(DEMO)
+    # 1437 digits over 2 workers: 718 rows each, 11 whole batches of 64 (the global 128 per step).
+    assert plan_steps(1437, 2, cfg.train.worker_batch_size, 3) == (11, 33)
+    with pytest.raises(ConfigError, match=r"global batch of 256 \(128 per worker × 2 workers\)"):
+        plan_steps(200, 2, 128, 1)
+
+
+# ---------------------------------------------------------------------------------- data protocol checks
+
+
+def test_bernoulli_decoder_on_grey_levels_is_refused():
+    mnist = REPO / "configs" / "nvae-mnist.yaml"
+    with pytest.raises(ConfigError, match=r"data.binarize: 'none' feeds grey levels to nvae.decoder='bernoulli'"
+                                          r".*set data.binarize=dynamic"):
+        load_config(mnist, ["data.binarize=none"])
+    with pytest.raises(ConfigError, match="data.binarize=dynamic"):
+        load_config(DEMO, ["nvae.decoder=bernoulli"])
+    assert load_config(DEMO, ["nvae.decoder=bernoulli", "data.binarize=dynamic"]).data.binarize == "dynamic"
+    with pytest.raises(ConfigError, match=r"data.binarize: 'static' is not allowed; choose one of 'none', 'dynamic'"):
+        load_config(DEMO, ["data.binarize=static"])
+
+
+def test_padded_mnist_must_be_scored_on_the_digits():
+    with pytest.raises(ConfigError, match=r"nvae.crop: 0 scores the 2-pixel zero border.*set nvae.crop=2"):
+        load_config(REPO / "configs" / "nvae-mnist.yaml", ["nvae.crop=0"])
+    # Native 28x28 MNIST has no border to skip.
+    native = load_config(REPO / "configs" / "nvae-mnist.yaml",
+                         ["data.image_size=28", "nvae.image_shape=[1,28,28]", "nvae.crop=0",
+                          "nvae.num_preprocess_blocks=1", "nvae.num_postprocess_blocks=1"])
+    assert native.nvae.crop == 0
+
+
+def test_tune_data_refuses_protocol_switches_it_does_not_apply():
+    with pytest.raises(ConfigError, match=r"tune.data.hflip: True is not applied by the tune stage"):
+        load_config(DEMO, ["tune.data.hflip=true"])
+
+
+def test_switches_for_departures_from_the_paper():
+    cfg = load_config(DEMO, ["train.grad_clip=0", "train.amp=fp16", "train.use_ema=false"])
+    assert (cfg.train.grad_clip, cfg.train.amp, cfg.train.use_ema) == (0.0, "fp16", False)
+    with pytest.raises(ConfigError, match="train.grad_clip: -1.0 is out of range"):
+        load_config(DEMO, ["train.grad_clip=-1"])
+    with pytest.raises(ConfigError, match="train.amp: 'fp32' is not allowed"):
+        load_config(DEMO, ["train.amp=fp32"])
+
+
+# --------------------------------------------------------------------------------------- base: and paper:
+
+
+def test_base_builds_on_another_config_key_by_key(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"name": "a", "train": {"epochs": 3, "lr": 0.005}}))
+    child = write(tmp_path, {"base": "a.yaml", "train": {"epochs": 4}})
+    cfg = load_config(child)
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr) == ("a", 4, 0.005)
+    assert load_config(child, ["train.epochs=9"]).train.epochs == 9  # overrides come last
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"base": "cfg.yaml"}))
+    write(tmp_path, {"base": "loop.yaml"})
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "cfg.yaml")
+    with pytest.raises(ConfigError, match=r"base: 'gone.yaml' .* does not exist"):
+        load_config(write(tmp_path, {"base": "gone.yaml"}))
+
+
+def test_paper_figure_needs_metric_and_value():
+    with pytest.raises(ConfigError, match=r"paper: metric='bpd' and value=None go together"):
+        load_config(DEMO, ["paper.metric=bpd"])
+    with pytest.raises(ConfigError, match=r"paper.metric: 'nats' is not a valid"):
+        load_config(DEMO, ["paper.metric=nats", "paper.value=1"])
+
+
+def test_evaluate_sets_the_run_figure_beside_the_published_one():
+    from pipelines.registry import binarize_mode, published_comparison
+
+    params = {k: str(v) for k, v in load_config(REPO / "configs" / "nvae-mnist.yaml").flat().items()}
+    line = published_comparison(params, {"test/iw_nll_k1000": 80.5, "eval/seconds": 3.0}, "test", 1000)
+    assert line == ("test/iw_nll_k1000: 80.5 nats   published: 78.01 nats "
+                    "(NVAE (Vahdat & Kautz, NeurIPS 2020), binarized MNIST)")
+    off = published_comparison(params, {"val/iw_nll_k100": 81.0}, "val", 100)
+    assert off.startswith("val/iw_nll_k100: 81 nats") and "not comparable" in off and "test split with K=1000" in off
+    assert "missing" in published_comparison(params, {}, "test", 1000)
+    cifar = {k: str(v) for k, v in load_config(REPO / "configs" / "nvae-cifar10.yaml").flat().items()}
+    assert "published: 2.91 bits/dim" in published_comparison(cifar, {"test/bpd_k1000": 3.4}, "test", 1000)
+    demo = {k: str(v) for k, v in load_config(DEMO).flat().items()}
+    assert published_comparison(demo, {"test/bpd_k1000": 3.4}, "test", 1000) is None
+    assert binarize_mode(params, None) == "dynamic" and binarize_mode(demo, None) == "none"

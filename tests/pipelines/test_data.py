@@ -406,10 +406,221 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
     assert _cli("data", "prepare", "digits", "--out", str(out), "--overwrite") == 0
     assert read_manifest(str(out)).name == "digits-8"
 
-    with pytest.raises(ConfigError, match="--num-examples applies to source 'shapes' only"):
+    with pytest.raises(ConfigError, match="--num-examples applies to source"):
         _cli("data", "prepare", "digits", "--out", str(tmp_path / "x"), "--num-examples", "5")
     with pytest.raises(ConfigError, match="data.val_fraction"):
         _cli("data", "prepare", "digits", "--out", str(tmp_path / "x"), "--val-fraction", "0.9")
     with pytest.raises(ConfigError, match="source 'folder' needs the image folder"):
         _cli("data", "prepare", "folder", "--out", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+
+# ------------------------------------------------------------------------------------ the papers' data protocols
+#
+# The torchvision sources run on tiny files written here in the formats torchvision reads (idx for MNIST, pickled
+# batches for CIFAR-10, JPEG + partition lists for CelebA): the same code path as the real data sets, offline.
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_mnist(root: Path, n_train: int = 100, n_test: int = 30, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(1, 256, size=(n_train, 28, 28), dtype=np.uint8),  # no 0: the border is ours
+        "train-labels-idx1-ubyte": rng.integers(0, 10, size=n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(1, 256, size=(n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, size=n_test, dtype=np.uint8),
+    }
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, a in arrays.items():
+        _write_idx(raw / name, a)
+    return arrays
+
+
+def test_mnist_is_zero_padded_to_32_with_the_official_test_set(tmp_path):
+    want = _fake_mnist(tmp_path / "cache")
+    cfg = DataConfig(source="mnist", cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
+    manifest = prepare_dataset(cfg, out=str(tmp_path / "mnist"), progress=False)
+    assert manifest.shape == (1, 32, 32) and manifest.name == "mnist-32"
+    assert manifest.splits == {"train": 80, "val": 20, "test": 30}
+    notes = manifest.source["notes"]
+    assert "zero-padded 28x28 -> 32x32" in notes and "official 100/30 train/test split" in notes
+    assert "test = the official 30-image test set" in notes and "val = 20 images carved" in notes
+    test = load_split(str(tmp_path / "mnist"), "test", image_dtype=torch.uint8)["image"].numpy()
+    # The border is exactly zero and the digit is every original pixel, in place: a pad, not a resize.
+    assert not test[:, :, :2].any() and not test[:, :, 30:].any() and not test[:, :, :, :2].any()
+    assert not test[:, :, :, 30:].any()
+    assert np.array_equal(test[:, 0, 2:30, 2:30], want["t10k-images-idx3-ubyte"])
+    train = load_split(str(tmp_path / "mnist"), "train", image_dtype=torch.uint8)["image"].numpy()
+    val = load_split(str(tmp_path / "mnist"), "val", image_dtype=torch.uint8)["image"].numpy()
+    official = {a.tobytes() for a in want["train-images-idx3-ubyte"]}
+    carved = [a.tobytes() for a in np.concatenate([train, val])[:, 0, 2:30, 2:30]]
+    assert set(carved) == official and len(carved) == len(official)  # train + val = the official training set
+    # The stored pixels are grey levels: binarisation happens when images are drawn.
+    assert len(np.unique(train)) > 200
+    native = load_source(cfg.replace(image_size=28))
+    assert native.splits["test"].images.shape[1:] == (1, 28, 28)
+    assert np.array_equal(native.splits["test"].images[:, 0], want["t10k-images-idx3-ubyte"])
+
+
+def test_cifar10_keeps_the_official_50k_10k_split(tmp_path, monkeypatch):
+    import pickle
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    folder = tmp_path / "cache" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    batches = {}
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        batches[name] = rng.integers(0, 256, size=(12, 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": batches[name], "labels": list(rng.integers(0, 10, 12))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+    # These files are ours, not the published ones: only their checksums would differ.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    cfg = DataConfig(source="cifar10", cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+    src = load_source(cfg)
+    assert src.shape == (3, 32, 32) and src.name == "cifar10-32"
+    assert (len(src.splits["train"]), len(src.splits["val"]), len(src.splits["test"])) == (54, 6, 12)
+    test = src.splits["test"].images.reshape(12, -1)
+    assert np.array_equal(test, batches["test_batch"])  # the official test set, in order, untouched
+    official_train = {r.tobytes() for k, b in batches.items() if k != "test_batch" for r in b}
+    mine = {r.tobytes() for s in ("train", "val") for r in src.splits[s].images.reshape(len(src.splits[s]), -1)}
+    assert mine == official_train
+    assert "official 60/12 train/test split" in src.notes and "val = 6 images carved" in src.notes
+    assert src.label_names[0] == "airplane"
+
+
+def test_celeba64_takes_the_official_face_box(tmp_path, monkeypatch):
+    import torchvision.datasets.celeba as tv_celeba
+
+    base = tmp_path / "cache" / "celeba"
+    (base / "img_align_celeba").mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, 8)]
+    for i, name in enumerate(names):
+        # 178x218 (W x H): white inside the box (left 15, top 40, side 148), black elsewhere; a mid-grey bar marks
+        # the box's left edge so a flipped or shifted crop shows.
+        img = np.zeros((218, 178, 3), dtype=np.uint8)
+        img[40:188, 15:163] = 255
+        img[40:188, 15:35] = 128
+        Image.fromarray(img).save(base / "img_align_celeba" / name, quality=100)
+    split_of = [0, 0, 0, 1, 1, 2, 2]  # torchvision needs two or more images per split
+    (base / "list_eval_partition.txt").write_text("".join(f"{n} {s}\n" for n, s in zip(names, split_of)))
+    (base / "identity_CelebA.txt").write_text("".join(f"{n} 1\n" for n in names))
+    for fname, cols in (("list_bbox_celeba.txt", ["x_1", "y_1", "width", "height"]),
+                        ("list_landmarks_align_celeba.txt", ["lefteye_x", "lefteye_y"]),
+                        ("list_attr_celeba.txt", ["Smiling"])):
+        rows = "".join(f"{n} " + " ".join("1" for _ in cols) + "\n" for n in names)
+        (base / fname).write_text(f"{len(names)}\n" + " ".join(cols) + "\n" + rows)
+    monkeypatch.setattr(tv_celeba, "check_integrity", lambda *a, **k: True)
+    src = load_source(DataConfig(source="celeba64", cache_dir=str(tmp_path / "cache")))
+    assert {k: len(v) for k, v in src.splits.items()} == {"train": 3, "val": 2, "test": 2}
+    img = src.splits["train"].images[0].astype(int)  # (3, 64, 64)
+    assert img.shape == (3, 64, 64)
+    # Inside the box the crop has no black rows: a centred crop (top 35) would bring 5 black rows (2 after resize).
+    assert img[:, :, 10:].min() > 230 and img[:, :, :8].max() < 140 and img[:, :, :8].min() > 115
+    # The grey bar is on the left (not flipped) and spans the full height (no black rows above or below it).
+    assert abs(img[:, 0, :8].mean() - 128) < 12 and abs(img[:, -1, :8].mean() - 128) < 12
+    assert "left 15, top 40" in src.notes
+
+
+def test_binarisation_draws_bernoulli_of_the_grey_level():
+    from pipelines.data.readers import binarize_images, protocol_generator
+
+    p = torch.linspace(0, 1, 11).view(1, 1, 1, 11).expand(4000, 1, 1, 11).contiguous()
+    x = binarize_images(p, protocol_generator(0))
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    freq = x.mean(0).flatten()
+    # Monte Carlo: 4000 draws per level, standard error <= 0.008.
+    assert torch.allclose(freq, p[0].flatten(), atol=0.035)
+    assert freq[0] == 0 and freq[-1] == 1
+    assert torch.equal(x, binarize_images(p, protocol_generator(0)))
+    assert not torch.equal(x, binarize_images(p, protocol_generator(1)))
+    with pytest.raises(ValueError, match="float"):
+        binarize_images((p * 255).to(torch.uint8), protocol_generator(0))
+
+
+@pytest.fixture(scope="module")
+def mnist_like(tmp_path_factory):
+    """A prepared 'mnist' data set made from fake idx files (32x32 after the pad, grey levels stored)."""
+    root = tmp_path_factory.mktemp("mnistlike")
+    _fake_mnist(root / "cache", n_train=200, n_test=40, seed=3)
+    cfg = DataConfig(source="mnist", cache_dir=str(root / "cache"), val_fraction=0.2)
+    prepare_dataset(cfg, out=str(root / "mnist"), progress=False)
+    return str(root / "mnist")
+
+
+def test_training_streams_binarise_afresh_and_evaluation_streams_repeat(mnist_like):
+    grey = load_split(mnist_like, "train")["image"]
+    reader = ParquetImageReader(mnist_like, "train", batch_size=40, shuffle=True, seed=5, binarize="dynamic")
+    first, second = list(reader), list(reader)  # two epochs
+    for batch in first:
+        assert set(batch["image"].unique().tolist()) <= {0.0, 1.0}
+    # The epochs draw differently, each as often as the grey levels say (200 images of 1024 pixels: a mean within
+    # 0.01 is many standard errors wide).
+    e1 = torch.cat([b["image"] for b in first])
+    e2 = torch.cat([b["image"] for b in second])
+    rows = lambda e: sorted(r.tobytes() for r in e.to(torch.uint8).flatten(1).numpy())  # noqa: E731  (order-free)
+    assert rows(e1) != rows(e2)  # new draws, not only a new order
+    assert abs(e1.mean().item() - grey.mean().item()) < 0.01 and abs(e2.mean().item() - grey.mean().item()) < 0.01
+    again = ParquetImageReader(mnist_like, "train", batch_size=40, shuffle=True, seed=5, binarize="dynamic")
+    assert torch.equal(torch.cat([b["image"] for b in again]), e1)  # seeded: the first epoch repeats exactly
+
+    val = ParquetImageReader(mnist_like, "val", batch_size=16, binarize="dynamic")
+    v1, v2 = torch.cat([b["image"] for b in val]), torch.cat([b["image"] for b in val])
+    assert torch.equal(v1, v2) and set(v1.unique().tolist()) == {0.0, 1.0}
+    whole = load_split(mnist_like, "val", binarize="dynamic", seed=0)["image"]
+    assert torch.equal(whole, load_split(mnist_like, "val", binarize="dynamic", seed=0)["image"])
+    assert not torch.equal(whole, load_split(mnist_like, "val", binarize="dynamic", seed=1)["image"])
+    assert torch.equal(load_split(mnist_like, "val")["image"], load_split(mnist_like, "val", binarize="none")["image"])
+    with pytest.raises(ValueError, match="float image_dtype"):
+        ParquetImageReader(mnist_like, "val", binarize="dynamic", image_dtype=torch.uint8)
+    with pytest.raises(ValueError, match="choose one of none, dynamic"):
+        ParquetImageReader(mnist_like, "val", binarize="static")
+
+
+def test_flips_mirror_about_half_of_the_training_images(mnist_like):
+    plain = load_split(mnist_like, "train")["image"]
+    reader = ParquetImageReader(mnist_like, "train", batch_size=160, hflip=True)
+    flipped = next(iter(reader))["image"]
+    same = (flipped == plain).flatten(1).all(1)
+    mirrored = (flipped == plain.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all())  # each image is itself or its mirror image, nothing else
+    assert 0.35 < mirrored.float().mean().item() < 0.65  # 160 fair coins
+    assert torch.equal(next(iter(ParquetImageReader(mnist_like, "train", batch_size=160)))["image"], plain)
+
+
+@pytest.mark.slow
+def test_the_train_stage_stream_applies_the_protocol(mnist_like, ray_local):
+    """The train stage's own batch stream over a Ray dataset: worker batches of the global batch, binarised afresh
+    each epoch, validation binarised the same way every time and never flipped."""
+    from pipelines.config import load_config
+    from pipelines.train_vae import _batches
+
+    cfg = load_config(None, [f"data.path={mnist_like}", "data.source=mnist", "data.binarize=dynamic",
+                             "data.hflip=true", "nvae.preset=mnist", "nvae.decoder=bernoulli",
+                             "train.batch_size=64", "train.num_workers=2", "train.shuffle_buffer=0"])
+    assert cfg.train.worker_batch_size == 32
+    ds = ray_dataset(mnist_like, "train")
+    epoch0 = list(_batches(ds, cfg, seed=10, train=True))
+    epoch1 = list(_batches(ds, cfg, seed=11, train=True))
+    assert [len(b) for b in epoch0] == [32] * 5  # 160 rows in whole worker batches
+    assert all(set(b.unique().tolist()) <= {0.0, 1.0} for b in epoch0)
+    assert not torch.equal(torch.cat(epoch0), torch.cat(epoch1))
+    val = ray_dataset(mnist_like, "val")
+    v1, v2 = torch.cat(list(_batches(val, cfg, seed=0, train=False))), torch.cat(list(_batches(val, cfg, 0, False)))
+    assert torch.equal(v1, v2) and len(v1) == 40
+    grey = load_split(mnist_like, "val")["image"]
+    # Unflipped: where the stored pixel is 0 (the padded border) the draw is 0; flipping would move the digit.
+    assert not v1[:, :, :, :2].any() and not v1[:, :, :, 30:].any()
+    p = grey[:, :, 2:30, 2:30]
+    assert abs(v1[:, :, 2:30, 2:30].mean().item() - p.mean().item()) < 0.02

@@ -102,3 +102,18 @@ def test_unknown_preset_lists_the_valid_ones():
 def test_transform_rejects_a_non_batch():
     with pytest.raises(ValueError, match=r"expected a float batch \(B, C, H, W\)"):
         make_transform("simple")(torch.rand(1, 16, 16))
+
+
+def test_binary_batches_stay_binary_and_follow_the_warp():
+    """Dynamically binarised digits go through CR's affine warp as binary images (a Bernoulli decoder scores t(x)):
+    the output is the thresholded bilinear warp, so it still moves with the transformation."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(8, 1, 16, 16, generator=g) < 0.4).float()
+    x[:, :, :3] = 1.0  # a bar at the top that rotation and translation move
+    out = make_transform("large")(x, generator=torch.Generator().manual_seed(1))
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    grey = make_transform("large")(x * 0.999, generator=torch.Generator().manual_seed(1))
+    assert ((grey > 0) & (grey < 1)).any()  # grey batches keep the bilinear values
+    # The warp is linear, so the grey run scaled back is the binary run's warp before its threshold.
+    assert (out == (grey / 0.999 > 0.5).float()).float().mean() > 0.999
+    assert (out != x).float().mean() > 0.05  # every image moved
