@@ -19,7 +19,9 @@ import torch
 from vae.config import ConfigError
 
 # The metric that decides a promotion, per model family (the registered name's suffix), and its direction.
-PROMOTION_METRICS = {"nvae": ("val/bpd", "min"), "ncp": ("eval/fid_sir", "min"), "gwae": ("best/objective", "max")}
+# The ncp stage's score is a Fréchet distance in vaepipe's own feature space on the val split (not FID).
+PROMOTION_METRICS = {"nvae": ("val/bpd", "min"), "ncp": ("val/fd_vaepipe_sir", "min"),
+                     "gwae": ("best/objective", "max")}
 
 
 def _tracker(args: argparse.Namespace):
@@ -81,6 +83,11 @@ def promote(tracker, name: str, version: str | None = None, from_alias: str | No
                     f"({old:.6g}, {direction} is better); not promoted. Use --force to promote anyway."
                 )
     tracker.set_alias(name, "champion", mv.version)
+    from pipelines.serving import note_promotion
+
+    note_promotion(tracker, name, mv.version, metric, direction, new,
+                   str(champion.version) if champion is not None else None,
+                   _metric_of(tracker, champion, metric) if champion is not None else None, force)
     shown = f"{metric}={new:.6g}" if new is not None else "unchecked (--force)"
     prev = f" (was v{champion.version})" if champion is not None else ""
     print(f"{name}: champion → v{mv.version}{prev}; {shown}")
@@ -113,30 +120,98 @@ def sample_images(model, n: int, method: str | None, temperature: float) -> torc
         return model.sample(n, temperature=temperature).detach()
 
 
+# `vaepipe evaluate` binarises (data.binarize=dynamic) with this seed: the same model on the same data gives the
+# same figure every time.
+EVAL_SEED = 0
+# Where each published quantity (paper.metric) is found among evaluate's metrics.
+PAPER_METRIC_KEYS = {"nll_nats": "{split}/iw_nll_k{k}", "bpd": "{split}/bpd_k{k}",
+                     "fid": "{split}/inception_fid"}  # NCP models: {split}/inception_fid_sir
+PAPER_UNITS = {"nll_nats": "nats", "bpd": "bits/dim", "fid": ""}
+
+
+def run_params(tracker, model_uri: str) -> dict[str, str]:
+    """The params (the flattened config) of the run that logged `model_uri`; {} when it has none."""
+    try:
+        run_id = _run_of(tracker, model_uri)
+        return dict(tracker.client.get_run(run_id).data.params) if run_id else {}
+    except Exception:
+        return {}
+
+
+def binarize_mode(params: dict[str, str], model) -> str:
+    """How the model's training run drew its images (data.binarize); models without that record binarise when
+    their decoder is Bernoulli, the only decoder that needs binary data."""
+    mode = params.get("data.binarize")
+    if mode in ("none", "dynamic"):
+        return mode
+    cfg = getattr(getattr(model, "vae", model), "cfg", None)
+    return "dynamic" if getattr(cfg, "decoder", None) == "bernoulli" else "none"
+
+
+def published_comparison(params: dict[str, str], metrics: dict[str, float], split: str, k: int) -> str | None:
+    """One line setting the run's figure beside the published one its recipe records (paper.*), or None."""
+    metric, value = params.get("paper.metric"), params.get("paper.value")
+    if metric in (None, "None") or value in (None, "None"):
+        return None
+    paper_split, paper_k = params.get("paper.split", "test"), int(params.get("paper.iw_samples", 1000))
+    unit = PAPER_UNITS.get(metric, "")
+    source = params.get("paper.source") or "the paper"
+    published = f"{float(value):.4g} {unit}".strip()
+    key = PAPER_METRIC_KEYS.get(metric, metric).format(split=split, k=k)
+    if key not in metrics and f"{key}_sir" in metrics:  # an NCP model: its SIR samples
+        key = f"{key}_sir"
+    if key not in metrics:
+        return f"published {metric}: {published} ({source}); not measured by this evaluation ({key} missing)"
+    ours = f"{metrics[key]:.4g} {unit}".strip()
+    caveat = ""
+    uses_k = metric != "fid"
+    if split != paper_split or (uses_k and k != paper_k):
+        caveat = (f"  [not comparable: the paper measured the {paper_split} split"
+                  + (f" with K={paper_k}" if uses_k else "") + f", this is the {split} split"
+                  + (f" with K={k}" if uses_k else "") + "]")
+    return f"{key}: {ours}   published: {published} ({source}){caveat}"
+
+
 def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1000, max_examples: int = 2000,
-             batch_size: int = 128, log: bool = True) -> dict[str, float]:
-    """The metrics of the stages on a prepared data set, logged to the model's run as eval/* metrics."""
+             batch_size: int = 128, log: bool = True, params: dict[str, str] | None = None, ncp_k: int = 20,
+             ncp_z_samples: int | None = None, inception_weights: str | None = None,
+             samples: int = 1000) -> dict[str, float]:
+    """The metrics of the stages on a prepared data set, named after the split they come from (`test/...`,
+    `val/...`) and logged to the model's run. Images are binarised with a fixed seed when the model was trained on
+    binarised draws (data.binarize=dynamic).
+
+    NCP models: the frozen NVAE's IW-NLL is `base_iw_nll_k{k}`; the NCP prior's own is `ncp_iw_nll_k{ncp_k}` with its
+    Monte Carlo error (`_mc_se`, normalisers from `ncp_z_samples` prior draws per context). Sample quality: the
+    Fréchet distance in vaepipe's own features (`fd_vaepipe`, extractor trained once per dataset and reused), and
+    Inception FID/KID only when `inception_weights` (a path or an MLflow artifact URI) is given."""
     from pipelines.data import load_split, read_manifest
     from vae.metrics import bits_per_dim, importance_weighted_nll
 
     model = load_registered(tracker, model_uri)
     model.eval()
     manifest = read_manifest(data)
-    arrays = load_split(data, split)
+    params = run_params(tracker, model_uri) if params is None else params
+    arrays = load_split(data, split, binarize=binarize_mode(params, model), seed=EVAL_SEED)
     x = arrays["image"][:max_examples]
     kind = type(model).__name__
     metrics: dict[str, float] = {}
-    dims = math.prod(manifest.shape)
     t0 = time.perf_counter()
     vae_model = getattr(model, "vae", model)
     if hasattr(vae_model, "log_weights"):
         if tuple(getattr(vae_model.cfg, "image_shape", manifest.shape)) != tuple(manifest.shape):
             raise ConfigError(f"--data: {data} has shape {list(manifest.shape)}, the model expects "
                               f"{list(vae_model.cfg.image_shape)}")
-        nll = torch.cat([importance_weighted_nll(vae_model, x[i:i + batch_size], k=k)
-                         for i in range(0, len(x), batch_size)])
-        metrics[f"eval/iw_nll_k{k}"] = nll.mean().item()
-        metrics[f"eval/bpd_k{k}"] = float(bits_per_dim(nll.mean().item(), dims))
+        # An NCP model's frozen NVAE: its figure is the base model's and says so.
+        base = "base_" if kind == "NCPVAE" else ""
+        nll = _iw_nll(vae_model, x, k, batch_size, f"evaluate: {base}IW-NLL K={k}")
+        metrics[f"eval/{base}iw_nll_k{k}"] = nll.mean().item()
+        # a discrete likelihood per scored pixel: Gaussian decoders score 8-bit bins in eval mode, and the crop's
+        # border is not scored (MNIST: 784 of 32×32)
+        metrics[f"eval/{base}bpd_k{k}"] = float(bits_per_dim(nll.mean().item(), vae_model.scored_dims))
+        if kind == "NCPVAE":
+            from pipelines.train_ncp import ncp_likelihood_metrics
+
+            metrics.update(ncp_likelihood_metrics(model, x, ncp_k, ncp_z_samples))
     if kind == "GWAE" and manifest.factor_names and arrays["factors"].shape[1]:
         from vae.factor_metrics import dci, psnr
 
@@ -145,26 +220,43 @@ def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1
             metrics["eval/psnr"] = psnr(x, model.reconstruct(x)).mean().item()
         scores = dci(mu.numpy(), arrays["factors"][:max_examples].numpy())
         metrics.update({f"eval/dci_{k_}": float(v) for k_, v in scores.items()})
-    if manifest.label_names and "label" in arrays:
-        try:
-            from vae.quality import SampleQuality
-        except ImportError:
-            SampleQuality = None
-        if SampleQuality is not None:
-            train = load_split(data, "train")
-            quality = SampleQuality.fit(train["image"], train["label"])
-            n = min(len(x), 1000)
-            methods = ["sir", "langevin", "base"] if kind == "NCPVAE" else [None]
-            for method in methods:
-                fake = sample_images(model, n, method, 1.0)
-                for key, value in quality.score(x[:n], fake).items():
-                    metrics[f"eval/{key}" + (f"_{method}" if method else "")] = float(value)
+    tags: dict[str, str] = {}
+    if samples > 0 and len(x) > 3:
+        from pipelines.sample_quality import sample_quality_metrics
+
+        methods = ["sir", "langevin", "base"] if kind == "NCPVAE" else [None]
+        quality, tags = sample_quality_metrics(
+            tracker, data, x[:samples], lambda n, method: sample_images(model, n, method, 1.0), methods,
+            inception_weights, "--inception-weights", "evaluate")
+        metrics.update({f"eval/{key}": v for key, v in quality.items()})
+    # Every figure says which split it comes from: eval/x → <split>/x (the timing stays eval/seconds).
+    metrics = {(f"{split}/{key[len('eval/'):]}" if key.startswith("eval/") else key): v for key, v in metrics.items()}
     metrics["eval/seconds"] = time.perf_counter() - t0
     if log:
         mv_run = _run_of(tracker, model_uri)
         if mv_run:
             tracker.log_metrics(mv_run, metrics, step=0)
+            if tags:
+                tracker.set_tags(mv_run, tags)
     return metrics
+
+
+def _iw_nll(model, x: torch.Tensor, k: int, batch_size: int, label: str, block: int = 100) -> torch.Tensor:
+    """(N,) importance-weighted NLL with K draws, in blocks of at most `block` draws per batch so that a progress
+    line with an ETA can follow the work; the blocks combine exactly: p̂ = Σ_b K_b·p̂_b / K."""
+    from pipelines.sample_quality import Ticker
+    from vae.metrics import importance_weighted_nll
+
+    ticker, done, out = Ticker(label, len(x) * k, "draws"), 0, []
+    for i in range(0, len(x), batch_size):
+        xb, log_p = x[i:i + batch_size], []
+        for start in range(0, k, block):
+            kb = min(block, k - start)
+            log_p.append(math.log(kb) - importance_weighted_nll(model, xb, k=kb).cpu())  # log(K_b·p̂_b)
+            done += len(xb) * kb
+            ticker(done)
+        out.append(math.log(k) - torch.logsumexp(torch.stack(log_p), dim=0))
+    return torch.cat(out)
 
 
 def _run_of(tracker, model_uri: str) -> str | None:
@@ -209,11 +301,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    metrics = evaluate(_tracker(args), args.model_uri, args.data, split=args.split, k=args.k,
-                       max_examples=args.max_examples)
+    from pipelines.data import read_manifest
+
+    tracker = _tracker(args)
+    params = run_params(tracker, args.model_uri)
+    manifest = read_manifest(args.data)
+    metrics = evaluate(tracker, args.model_uri, args.data, split=args.split, k=args.k,
+                       max_examples=args.max_examples, params=params, ncp_k=args.ncp_k,
+                       ncp_z_samples=args.ncp_z_samples, inception_weights=args.inception_weights,
+                       samples=args.samples)
+    total = manifest.splits.get(args.split, 0)
+    binarize = params.get("data.binarize") or "by the decoder"
+    print(f"split: {args.split} ({min(args.max_examples, total)} of its {total} images, {manifest.name}); "
+          f"binarisation: {binarize} (evaluation seed {EVAL_SEED})")
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.6g}")
+    line = published_comparison(params, metrics, args.split, args.k)
+    if line:
+        print(line)
     return 0
 
 
@@ -243,8 +349,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="compute a model's metrics on a data set and log them to its run")
     e.add_argument("model_uri")
     e.add_argument("--data", required=True, help="a prepared data set directory")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="the split to score; the metrics are named after it (test/..., val/...)")
     e.add_argument("--k", type=int, default=1000, help="importance samples for the NLL bound")
     e.add_argument("--max-examples", type=int, default=2000)
+    e.add_argument("--ncp-k", type=int, default=20, metavar="K",
+                   help="NCP models: importance samples for the NCP prior's own NLL (each needs nested draws for "
+                        "the normalisers, so it costs far more per sample than the base bound)")
+    e.add_argument("--ncp-z-samples", type=int, default=None, metavar="M",
+                   help="NCP models: prior draws per context for each normaliser Z_k (default: the model's "
+                        "ncp.log_z_samples); the figure's Monte Carlo error is logged beside it")
+    e.add_argument("--samples", type=int, default=1000,
+                   help="images sampled (per method) for the sample-quality scores; 0 skips them")
+    e.add_argument("--inception-weights", default=None, metavar="PATH_OR_URI",
+                   help="torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth) as a "
+                        "local file or an MLflow artifact URI: adds Inception FID and KID (never downloaded)")
     _add_tracking_args(e)
     e.set_defaults(func=_cmd_evaluate)

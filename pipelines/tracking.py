@@ -43,6 +43,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from pipelines.redaction import redact_text, redact_value, split_credentials
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,7 +64,14 @@ _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 class TrackingUnavailableError(RuntimeError):
-    """The tracking store cannot be reached or used; the message names the URI and how to fix it."""
+    """The tracking store cannot be reached or used; the message names the URI (credentials masked) and the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
+
+
+# MLflow's REST client takes a server's credentials from these variables, never from the URI.
+_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 # ---------------------------------------------------------------------------------------------- resolution
@@ -78,13 +87,25 @@ def _urlopen(url: str, timeout: float):
 
 
 def resolve_tracking_uri(cfg: "TrackingConfig") -> str:
-    """cfg.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<abs workdir>/mlflow.db (directory created)."""
+    """cfg.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<abs workdir>/mlflow.db (directory checked).
+
+    An http(s) URI with `user:password@` comes back without them, which go to MLflow's own
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (inherited by a local Ray started afterwards)."""
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        return take_uri_credentials(uri)
+    return f"sqlite:///{_checked_workdir(cfg.workdir) / 'mlflow.db'}"
+
+
+def take_uri_credentials(uri: str) -> str:
+    """`uri` without user-info for http(s) servers, whose user and password are moved into MLflow's variables."""
+    if _scheme(uri) not in ("http", "https"):
         return uri
-    workdir = Path(cfg.workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{workdir / 'mlflow.db'}"
+    clean, user, password = split_credentials(uri)
+    for key, value in zip(_CREDENTIAL_ENV, (user, password)):
+        if value is not None:
+            os.environ[key] = value
+    return clean
 
 
 def resolve_artifact_location(cfg: "TrackingConfig", tracking_uri: str) -> str | None:
@@ -122,9 +143,14 @@ def check_tracking_server(uri: str, timeout_s: float) -> None:
     if scheme in ("http", "https"):
         _wait_for_http(uri, timeout_s)
     elif scheme == "sqlite":
-        if _sqlite_path(uri) is not None:
-            _sqlite_path(uri).parent.mkdir(parents=True, exist_ok=True)
-        _touch_store(uri)
+        path = _sqlite_path(uri)
+        if path is None:
+            _touch_store(uri)
+        else:
+            _check_sqlite_file(path)
+            # Two first runs on a new store would race in MLflow's schema migration ("duplicate column name"):
+            # one process at a time creates and migrates it; the others then find it ready.
+            _with_store_lock(path, lambda: _touch_store(uri))
     elif scheme in _DB_SCHEMES:
         _with_timeout(lambda: _touch_store(uri), timeout_s, uri)
     elif scheme in ("", "file"):
@@ -138,6 +164,118 @@ def check_tracking_server(uri: str, timeout_s: float) -> None:
             f"tracking URI {uri!r} has scheme {scheme!r}, which vaepipe does not support; use http(s)://HOST:PORT "
             "(a `mlflow server`), sqlite:///ABS/PATH/mlflow.db, or postgresql/mysql/mssql:// database URIs"
         )
+
+
+def _checked_workdir(workdir: str) -> Path:
+    """tracking.workdir as an absolute directory, created if missing, or a TrackingUnavailableError saying why not."""
+    path = Path(workdir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise TrackingUnavailableError(
+            f"tracking.workdir {workdir!r} is a file ({path}), not a directory; point tracking.workdir at a "
+            f"directory (e.g. --set tracking.workdir=runs) or move that file away"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrackingUnavailableError(
+            f"tracking.workdir {path} cannot be created ({e.strerror or e}: {e.filename or path}); point "
+            f"tracking.workdir at a directory you can write (e.g. --set tracking.workdir=runs)"
+        ) from None
+    return path
+
+
+# How long the store check waits for another writer's lock on a sqlite store before it gives up and says so.
+_SQLITE_PROBE_TIMEOUT_S = 2.0
+# How long a process waits for another one creating or migrating the same new store (a migration takes ~15 s
+# on 2 cores).
+_STORE_LOCK_TIMEOUT_S = 120.0
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Fail in seconds, with the cause and the fix, on a sqlite store MLflow could not use: a directory that is
+    not writable, a path that is a directory, a file that is not (or no longer) a SQLite database, a database
+    another process keeps locked. MLflow itself answers these with SQLAlchemy tracebacks, some after minutes."""
+    import sqlite3
+
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise TrackingUnavailableError(
+            f"the sqlite store {path} cannot be created: {folder} is a file, not a directory; point tracking.workdir "
+            f"(or the sqlite:/// URI) at a directory"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # SQLite writes its journal next to the database: the directory itself must be writable.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vaepipe-write-check-"):
+            pass
+    except OSError as e:
+        raise TrackingUnavailableError(
+            f"the sqlite store {path} is in a directory this user cannot write ({e.strerror or e}: {folder}); "
+            f"SQLite needs to write its journal there: make it writable (chmod u+w {folder}) or point "
+            f"tracking.workdir at a writable directory (e.g. --set tracking.workdir=runs)"
+        ) from None
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise TrackingUnavailableError(
+            f"the sqlite store {path} is a directory, not a database file; move it away or point tracking.workdir "
+            f"(or the sqlite:/// URI) elsewhere"
+        )
+    broken = (
+        f"; it cannot be repaired in place: move it aside (mv {path} {path}.broken) and run again to start a new "
+        f"store, or restore it from a backup"
+    )
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+    except OSError as e:
+        raise TrackingUnavailableError(
+            f"the sqlite store {path} cannot be read ({e.strerror or e}); fix its permissions (chmod u+rw {path})"
+        ) from None
+    if header and header != b"SQLite format 3\x00":
+        raise TrackingUnavailableError(f"{path} is not a SQLite database (the file was overwritten){broken}")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=_SQLITE_PROBE_TIMEOUT_S)
+    except sqlite3.Error as e:
+        raise TrackingUnavailableError(
+            f"the sqlite store {path} cannot be opened for writing ({e}); fix its permissions (chmod u+rw {path})"
+        ) from None
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the schema: a cut-off file fails here
+        con.execute("BEGIN IMMEDIATE")  # takes the write lock for a moment, as any run will
+        con.execute("ROLLBACK")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise TrackingUnavailableError(
+                f"the sqlite store {path} is locked: another process has held its write lock for more than "
+                f"{_SQLITE_PROBE_TIMEOUT_S:g} s (`fuser {path}` names it); let it finish or stop it, then run again. "
+                f"SQLite takes one writer at a time: for many concurrent runs use a `mlflow server` "
+                f"(cluster/README.md)"
+            ) from None
+        if "readonly" in str(e) or "read-only" in str(e):
+            raise TrackingUnavailableError(
+                f"the sqlite store {path} is read-only ({e}); make it writable (chmod u+w {path} {folder})"
+            ) from None
+        raise TrackingUnavailableError(f"the sqlite store {path} is not a usable database ({e}){broken}") from None
+    except sqlite3.DatabaseError as e:
+        raise TrackingUnavailableError(f"the sqlite store {path} is damaged ({e}){broken}") from None
+    finally:
+        con.close()
+
+
+def _with_store_lock(path: Path, fn: Callable[[], None]) -> None:
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(f"{path}.lock")
+    try:
+        with lock.acquire(timeout=_STORE_LOCK_TIMEOUT_S):
+            fn()
+    except Timeout:
+        raise TrackingUnavailableError(
+            f"another process has been creating or migrating the sqlite store {path} for more than "
+            f"{_STORE_LOCK_TIMEOUT_S:g} s (it holds {lock.lock_file}); let it finish, or if none runs, delete "
+            f"{lock.lock_file} and run again"
+        ) from None
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -198,6 +336,14 @@ def _touch_store(uri: str) -> None:
             f"tracking store {uri} cannot be opened: {e.message}; check the path and its permissions, or, if an "
             f"older MLflow made it, upgrade it with `mlflow db upgrade {uri}`"
         ) from e
+    except Exception as e:  # SQLAlchemy's own errors (a damaged database, a driver missing) come through raw
+        if type(e).__module__.split(".")[0] != "sqlalchemy":
+            raise
+        cause = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise TrackingUnavailableError(
+            f"tracking store {uri} cannot be used: {cause}; if the database is damaged, move it aside and run "
+            f"again to start a new store, or restore it from a backup"
+        ) from None
 
 
 def _with_timeout(fn: Callable[[], None], timeout_s: float, uri: str) -> None:
@@ -282,18 +428,6 @@ def _read_bytes(path: str) -> bytes:
     return p.read_bytes()
 
 
-def _tensor_signature(example: Any):
-    """A tensor signature with a free batch dimension, for a numpy example batch (None without one)."""
-    if example is None:
-        return None
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    shape = (-1, *np.asarray(example).shape[1:])
-    return ModelSignature(inputs=Schema([TensorSpec(np.asarray(example).dtype, shape)]))
-
-
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """$VAEPIPE_GIT_COMMIT (set by `vaepipe submit`, whose upload has no .git), else `git rev-parse HEAD` of the
@@ -374,8 +508,8 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, artifact_root: str | None = None, registry_uri: str | None = None):
-        self.tracking_uri = tracking_uri
-        self.registry_uri = registry_uri or tracking_uri
+        self.tracking_uri = take_uri_credentials(tracking_uri)
+        self.registry_uri = take_uri_credentials(registry_uri) if registry_uri else self.tracking_uri
         self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         self._experiment_ids: dict[str, str] = {}
@@ -390,10 +524,15 @@ class Tracker:
         return tracker
 
     def __reduce__(self):
-        return (_restore_tracker, (self.tracking_uri, self.artifact_root, self.registry_uri))
+        # A server's credentials travel with the tracker (Ray's object store, never its logs): a worker on
+        # another node has no MLFLOW_TRACKING_USERNAME / _PASSWORD of its own.
+        auth = None
+        if _scheme(self.tracking_uri) in ("http", "https") and any(os.environ.get(k) for k in _CREDENTIAL_ENV):
+            auth = tuple(os.environ.get(k) for k in _CREDENTIAL_ENV)
+        return (_restore_tracker, (self.tracking_uri, self.artifact_root, self.registry_uri, auth))
 
     def __repr__(self) -> str:
-        return f"Tracker({self.tracking_uri!r}, artifact_root={self.artifact_root!r})"
+        return f"Tracker({redact_text(self.tracking_uri)!r}, artifact_root={redact_text(str(self.artifact_root))!r})"
 
     def activate(self) -> None:
         """Point mlflow's process-wide URIs here: `runs:/` and `models:/` URIs resolve through them.
@@ -488,8 +627,9 @@ class Tracker:
         self._log_params_and_tags(run_id, {}, tags)
 
     def _log_params_and_tags(self, run_id: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
-        entities: list[Param | RunTag] = [Param(k, _param_value(v)) for k, v in params.items()]
-        entities += [RunTag(k, str(v)) for k, v in tags.items()]
+        # Credentials never reach the store: URIs' user-info and secret-named keys' values are masked.
+        entities: list[Param | RunTag] = [Param(k, _param_value(redact_value(k, v))) for k, v in params.items()]
+        entities += [RunTag(k, str(redact_value(k, v))) for k, v in tags.items()]
         for chunk in _chunks(entities, MAX_PARAMS_TAGS_PER_BATCH):
             ps = [e for e in chunk if isinstance(e, Param)]
             ts = [e for e in chunk if isinstance(e, RunTag)]
@@ -554,12 +694,11 @@ class Tracker:
 
         Pickle serialization: MLflow 3's default torch.export (pt2) returns a GraphModule without `sample()`.
         `code_paths` defaults to the `vae` package, so the loaded object is our class with nothing installed.
-        Explicit `pip_requirements` skip MLflow's slow requirement inference. An `input_example` (a numpy batch)
-        is stored with a tensor signature of its dtype and shape (batch dimension free). MLflow's serving check of the
-        example warns that forward returns an NVAEOutput rather than one tensor: vaepipe models are loaded with
-        `mlflow.pytorch.load_model`, not served through pyfunc.
+        Explicit `pip_requirements` skip MLflow's slow requirement inference. The model also gets a pyfunc flavour
+        that serves generation requests, with their signature and a validated example (pipelines/serving.py);
+        `input_example` (a batch of images) lends that example its image.
         """
-        import mlflow.pytorch
+        from pipelines import serving
 
         if code_paths is None:
             import vae
@@ -575,17 +714,8 @@ class Tracker:
         exp_id = _retry_locked(lambda: self.client.get_run(run_id)).info.experiment_id
         logged = _retry_locked(lambda: self.client.create_logged_model(exp_id, name=name, source_run_id=run_id))
         # Not retried on a locked store: a second attempt would save the artifacts twice.
-        info = mlflow.pytorch.log_model(
-            model,
-            name=name,
-            run_id=run_id,
-            model_id=logged.model_id,
-            serialization_format="pickle",
-            code_paths=list(code_paths),
-            pip_requirements=list(pip_requirements),
-            signature=_tensor_signature(input_example),
-            input_example=input_example,
-        )
+        info = serving.log_model(model, name, run_id, logged.model_id, code_paths=list(code_paths),
+                                 pip_requirements=list(pip_requirements), example_images=input_example)
         return info.model_uri
 
     def register_model(
@@ -658,7 +788,11 @@ class Tracker:
         return [e.experiment_id for e in exps]
 
 
-def _restore_tracker(tracking_uri: str, artifact_root: str | None, registry_uri: str | None) -> Tracker:
+def _restore_tracker(tracking_uri: str, artifact_root: str | None, registry_uri: str | None,
+                     auth: tuple[str | None, str | None] | None = None) -> Tracker:
+    for key, value in zip(_CREDENTIAL_ENV, auth or ()):
+        if value is not None:
+            os.environ.setdefault(key, value)
     tracker = Tracker(tracking_uri, artifact_root, registry_uri)
     tracker.activate()
     return tracker

@@ -6,8 +6,9 @@ Recipe: the driver loads the registered NVAE by URI, freezes it and puts it in R
 per latent group trains that group's classifier (`vae.ncp.train_group_classifier`) on its own data reader, sized by
 `ncp.cpus_per_group` / `ncp.gpus_per_group`. Each finished classifier is logged to the MLflow run at once, so a group
 that fails (after Ray's retries) loses nothing already trained, and `--resume` trains only the missing groups. The
-composite NCP-VAE is evaluated (per-group accuracy and NCE loss, the KL-reduction estimate, base vs SIR vs Langevin
-sample quality) and registered as `<name>-ncp`.
+composite NCP-VAE is evaluated on the val split (per-group accuracy and NCE loss, the KL-reduction estimate, base vs
+SIR vs Langevin samples by the Fréchet distance in vaepipe's own feature space, and Inception FID/KID when weights are
+configured) and registered as `<name>-ncp`.
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def run_ncp(
     """Train the NCP classifiers of a registered NVAE on Ray, evaluate and register the NCP-VAE."""
     from pipelines.data import read_manifest
     from pipelines.registry import load_registered
+    from pipelines.serving import log_dataset_inputs
     from pipelines.tracking import Tracker, dataset_tag
     from vae.ncp import freeze
 
@@ -134,6 +136,7 @@ def run_ncp(
             parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name=STAGE), True
         run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id,
                                          dataset_tag=dataset_tag(cfg.data.path), source_model=model_uri)
+        log_dataset_inputs(tracker, run_id, cfg.data.path, ("train", "val", "test"))
     with ending_runs(tracker, run_id, parent_run_id, own_parent):
         result = _train_and_register(cfg, tracker, run_id, vae, model_uri, ray_address)
         after = fingerprint(vae)
@@ -147,6 +150,7 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
                         ray_address: str | None) -> StageResult:
     import ray
 
+    from pipelines.serving import describe_version
     from vae.ncp import NCPVAE, classifier_for
 
     n = cfg.ncp
@@ -197,6 +201,7 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
     name = f"{cfg.name}-ncp"
     version = tracker.register_model(uri, name, alias="candidate", tags={"vaepipe.run_id": run_id,
                                                                           "vaepipe.source_model": model_uri})
+    describe_version(tracker, name, version, cfg, run_id)
     print(f"[ncp] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
     return StageResult(STAGE, run_id, model_uri=f"models:/{name}@candidate", registered_model=name,
                        registered_version=str(version), metrics=metrics)
@@ -221,48 +226,74 @@ def _log_group(tracker, run_id: str, k: int, out: dict[str, Any], t0: float) -> 
 
 
 def evaluate_ncp(cfg: PipelineConfig, tracker, run_id: str, model) -> dict[str, float]:
-    """The KL-reduction estimate per group, log Z of the top group, and sample quality of base vs SIR vs Langevin
-    samples in the feature space of a classifier trained here on the data (no downloaded weights)."""
+    """On the val split (the test split stays for `vaepipe evaluate`): the KL-reduction estimate per group, log Z of
+    the top group, and base vs SIR vs Langevin samples scored by the Fréchet distance in vaepipe's own feature space
+    (`val/fd_vaepipe_<method>`, with precision/recall; the extractor is trained once per dataset and reused), plus
+    Inception FID/KID when `ncp.inception_weights` is set."""
     from pipelines.data import ParquetImageReader, load_split
+    from pipelines.sample_quality import sample_quality_metrics
     from vae.metrics import sample_grid
-    from vae.quality import SampleQuality
 
     n = cfg.ncp
+    split = "val" if _has_split(cfg.data.path, "val") else "test"
     metrics: dict[str, float] = {}
-    val = ParquetImageReader(cfg.data.path, "val", batch_size=n.sample_batch_size, verify=False)
-    gain = model.ncp_gain((b["image"] for b in val))
+    reader = ParquetImageReader(cfg.data.path, split, batch_size=n.sample_batch_size, verify=False)
+    gain = model.ncp_gain((b["image"] for b in reader))
     for k, g in enumerate(gain["gain"]):
-        metrics[f"eval/kl_reduction/group_{k:02d}"] = g
-    metrics["eval/kl_reduction_total"] = gain["total"]
-    metrics["eval/log_z/group_00"] = model.log_z_estimate(0)
+        metrics[f"{split}/kl_reduction/group_{k:02d}"] = g
+    metrics[f"{split}/kl_reduction_total"] = gain["total"]
+    metrics["ncp/log_z/group_00"] = model.log_z_estimate(0)
 
-    train = load_split(cfg.data.path, "train")
-    has_labels = bool(read_labels(cfg.data.path)) and int(train["label"].min()) >= 0
-    quality = SampleQuality.fit(train["image"], train["label"] if has_labels else None)
-    real = load_split(cfg.data.path, "test" if _has_split(cfg.data.path, "test") else "val")["image"]
-    count = min(n.eval_samples, len(real))
-    grids = {}
-    for method in ("base", "sir", "langevin"):
+    real = load_split(cfg.data.path, split)["image"]
+    real = real[:min(n.eval_samples, len(real))]
+    grids: dict[str, torch.Tensor] = {}
+
+    def draw(count: int, method: str) -> torch.Tensor:
         t = time.perf_counter()
-        torch.manual_seed(cfg.ncp.seed)
+        torch.manual_seed(n.seed)
         fake = model.sample(count, method=method)
-        metrics[f"eval/sample_seconds_{method}"] = time.perf_counter() - t
-        for key, value in quality.score(real[:count], fake).items():
-            metrics[f"eval/{key}_{method}"] = float(value)
+        metrics[f"ncp/sample_seconds_{method}"] = time.perf_counter() - t
         if method == "sir" and "ess" in model.last_stats:
             ess = model.last_stats["ess"]
-            metrics["eval/sir_ess"] = float(sum(ess) / len(ess)) if isinstance(ess, (list, tuple)) else float(ess)
+            metrics["ncp/sir_ess"] = float(sum(ess) / len(ess)) if isinstance(ess, (list, tuple)) else float(ess)
         grids[method] = fake[:36]
+        return fake
+
+    scores, tags = sample_quality_metrics(tracker, cfg.data.path, real, draw, ("base", "sir", "langevin"),
+                                          n.inception_weights or None, "ncp.inception_weights", "ncp")
+    metrics.update({f"{split}/{key}": v for key, v in scores.items()})
+    tracker.set_tags(run_id, tags)
     tracker.log_metrics(run_id, metrics, step=0)
     side = torch.cat([sample_grid(grids[m], nrow=6) for m in ("base", "sir", "langevin")], dim=2)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "samples_base_sir_langevin.png"
         p.write_bytes(png_bytes(side))
         tracker.log_artifact(run_id, p, artifact_path="pictures")
-    print("[ncp] sample quality (FID, lower is better): " + ", ".join(
-        f"{m} {metrics[f'eval/fid_{m}']:.2f}" for m in ("base", "sir", "langevin") if f"eval/fid_{m}" in metrics),
-        flush=True)
+    print(f"[ncp] Fréchet distance in vaepipe's own features (not FID; lower is better), {len(real)} samples vs the "
+          f"{split} split: " + ", ".join(f"{m} {metrics[f'{split}/fd_vaepipe_{m}']:.2f}"
+                                         for m in ("base", "sir", "langevin")), flush=True)
+    if f"{split}/inception_fid_sir" in metrics:
+        print(f"[ncp] Inception FID ({len(real)} samples; published FIDs use 50k): " + ", ".join(
+            f"{m} {metrics[f'{split}/inception_fid_{m}']:.2f}" for m in ("base", "sir", "langevin")), flush=True)
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def ncp_likelihood_metrics(model, x: torch.Tensor, k: int, z_samples: int | None = None,
+                           batch_size: int = 64) -> dict[str, float]:
+    """The NCP prior's own importance-weighted NLL of images x (nats per image) with its Monte Carlo error, as
+    `eval/` metrics: `ncp_iw_nll_k{K}`, `..._mc_se` (delta method over the normaliser estimates), `..._mc_bias`
+    (their Jensen bias: the NLL is too low by about this), `ncp_gain_k{K}` (the base NVAE's IW-NLL minus the NCP one on
+    the same draws; > 0: the NCP prior explains the data better), `ncp_log_z_samples` (M) and `ncp_log_z/group_00`."""
+    from pipelines.sample_quality import Ticker
+
+    m = model.cfg.log_z_samples if z_samples is None else int(z_samples)
+    ticker = Ticker(f"evaluate: NCP IW-NLL K={k}, M={m} prior draws per normaliser", len(x) * k, "draws")
+    out = model.importance_weighted_nll(x.split(batch_size), k=k, n_samples=m, progress=ticker)
+    print(f"[evaluate] NCP prior: NLL {out['nll']:.3f} ± {out['mc_se']:.3f} nats (Monte Carlo error of the "
+          f"normalisers; K={k}, M={m}); base NVAE on the same draws {out['base_nll']:.3f}", flush=True)
+    return {f"eval/ncp_iw_nll_k{k}": out["nll"], f"eval/ncp_iw_nll_k{k}_mc_se": out["mc_se"],
+            f"eval/ncp_iw_nll_k{k}_mc_bias": out["mc_bias"], f"eval/ncp_gain_k{k}": out["gain"],
+            "eval/ncp_log_z_samples": float(m), "eval/ncp_log_z/group_00": out["log_z_top"]}
 
 
 def read_labels(path: str) -> tuple[str, ...]:

@@ -278,18 +278,24 @@ def _all_reduce_sum(values: torch.Tensor, world: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(state: TrainState, batches, cfg: PipelineConfig, device: torch.device, world: int) -> dict[str, float]:
-    """Validation negative ELBO, bits/dim and importance-weighted NLL (small K) of the EMA model, summed over ranks."""
+    """Validation negative ELBO, bits/dim and importance-weighted NLL (small K) of the EMA model, summed over ranks.
+
+    Every figure is a discrete likelihood (Gaussian decoders score 8-bit bins in eval mode) divided by the pixels the
+    loss scores (`model.scored_dims`, the central crop); a Gaussian decoder's continuous density, the training
+    objective's scale, is logged as val/nelbo_continuous_nats."""
     from vae.metrics import importance_weighted_nll
 
     model = state.eval_model()
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nelbo, n, iw_nll, n_iw
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # nelbo, n, iw_nll, n_iw, continuous nelbo
     iw_budget = cfg.train.val_iw_examples
     for batch in batches:
         x = batch.to(device)
         out = model(x)
         sums[0] += out.nelbo.double().sum()
         sums[1] += x.shape[0]
+        if "nelbo_continuous" in out.stats:
+            sums[4] += out.stats["nelbo_continuous"].double() * x.shape[0]
         if iw_budget > 0:
             xi = x[:iw_budget]
             sums[2] += importance_weighted_nll(model, xi, k=cfg.train.val_iw_samples).double().sum()
@@ -297,9 +303,11 @@ def evaluate(state: TrainState, batches, cfg: PipelineConfig, device: torch.devi
             iw_budget -= xi.shape[0]
     model.train()
     sums = _all_reduce_sum(sums, world)
-    dims = math.prod(cfg.nvae.image_shape)
+    dims = model.scored_dims
     nelbo = (sums[0] / sums[1].clamp(min=1)).item()
     metrics = {"val/nelbo": nelbo, "val/bpd": nelbo / (dims * math.log(2))}
+    if cfg.nvae.decoder.startswith("gaussian"):
+        metrics["val/nelbo_continuous_nats"] = (sums[4] / sums[1].clamp(min=1)).item()
     if sums[3] > 0:
         iw = (sums[2] / sums[3]).item()
         metrics.update({"val/iw_nll": iw, "val/iw_bpd": iw / (dims * math.log(2))})
@@ -571,6 +579,7 @@ def run_train(
     from ray.train.torch import TorchTrainer
 
     from pipelines.data import ray_dataset
+    from pipelines.serving import log_dataset_inputs
     from pipelines.tracking import Tracker, dataset_tag
 
     manifest = check_dataset(cfg)
@@ -597,6 +606,7 @@ def run_train(
             cfg, STAGE, parent_run_id=parent_run_id, dataset_tag=dataset_tag(cfg.data.path),
             source_model=f"runs:/{from_run}/checkpoint" if from_run else None,
         )
+        log_dataset_inputs(tracker, run_id, cfg.data.path, ("train", "val"))
         ray_name = f"{cfg.name}-train-{run_id[:12]}"
         tracker.client.set_tag(run_id, "vaepipe.ray_run", ray_name)
         tracker.client.log_param(run_id, "plan.steps_per_epoch", steps_per_epoch)
@@ -644,7 +654,8 @@ def run_train(
 
 def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
     """Log the final (EMA) model with pickle serialization and our packages as code paths, register it as
-    `<name>-nvae` with the alias `candidate`, and keep the last checkpoint as an artifact."""
+    `<name>-nvae` with the alias `candidate` and its model card, and keep the last checkpoint as an artifact."""
+    from pipelines.serving import describe_version
     from vae import NVAE
 
     with result.checkpoint.as_directory() as d:
@@ -665,6 +676,7 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
              if isinstance(v, (int, float)) and k.startswith("val/")}
     name = f"{cfg.name}-nvae"
     version = tracker.register_model(logged_uri, name, alias="candidate", tags={"vaepipe.run_id": run_id})
+    describe_version(tracker, name, version, cfg, run_id)
     print(f"[train] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
     return StageResult(STAGE, run_id, model_uri=f"models:/{name}@candidate", registered_model=name,
                        registered_version=str(version), metrics=final)

@@ -370,6 +370,7 @@ def run_tune(
     from ray import tune
 
     from pipelines.data import ensure_dataset
+    from pipelines.serving import log_dataset_inputs
     from pipelines.tracking import Tracker, dataset_tag, experiment_name, git_commit
 
     t = cfg.tune
@@ -411,6 +412,7 @@ def run_tune(
             parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name="tune",
                                                                    dataset_tag=dataset_tag(t.data.path)), True
         run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id, dataset_tag=dataset_tag(t.data.path))
+        log_dataset_inputs(tracker, run_id, t.data.path, ("train", "val"))
         ray_name = f"{cfg.name}-tune-{run_id[:12]}"
         tracker.set_tags(run_id, {"vaepipe.ray_run": ray_name})
         tracker.log_params(run_id, {"plan.steps_per_epoch": steps, "plan.space_file": space_file})
@@ -540,6 +542,7 @@ def objective_plot(table, space: Mapping[str, tune_spaces.Param], metric: str) -
 def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict) -> StageResult:
     """Log the result table (Parquet, CSV) and plot, list failed trials, load the best trial's best checkpoint, log
     its sample and reconstruction grids and its model, and register it as `<name>-gwae` with alias `candidate`."""
+    from pipelines.serving import describe_version
     from vae.gwae import GWAE, GWAEConfig
     from vae.metrics import reconstruction_grid, sample_grid
 
@@ -578,12 +581,11 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
     x = torch.from_numpy(data["eval_images"][:16].astype(np.float32) / 255.0)
     tracker.log_image(run_id, sample_grid(model.sample(36), nrow=6), "pictures/best_samples.png")
     tracker.log_image(run_id, reconstruction_grid(x, model.reconstruct(x)), "pictures/best_reconstructions.png")
-    c, h, w = cfg.gwae.image_shape
-    logged_uri = tracker.log_pytorch_model(run_id, model, name="model",
-                                           input_example=np.zeros((1, c, h, w), dtype=np.float32))
+    logged_uri = tracker.log_pytorch_model(run_id, model, name="model", input_example=data["eval_images"][:1])
     name = f"{cfg.name}-gwae"
     version = tracker.register_model(logged_uri, name, alias="candidate",
                                      tags={"vaepipe.run_id": run_id, "vaepipe.trial_id": best_id})
+    describe_version(tracker, name, version, cfg, run_id)
     print(f"[tune] {len(table)} trials ({len(failed)} failed, {trial_epochs} trial-epochs); best trial {best_id} "
           f"{t.metric} {best_row[t.metric]:.4g} at epoch {int(best_row['epoch'])} with {sampled}", flush=True)
     print(f"[tune] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)

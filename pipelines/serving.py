@@ -1,0 +1,551 @@
+"""Registered vaepipe models as services: the pyfunc flavour, its request codec, dataset lineage and the model card.
+
+Every registered model (`<name>-nvae`, `<name>-ncp`, `<name>-gwae`) is one MLflow model directory with two flavours:
+
+    pytorch          mlflow.pytorch.load_model(uri)  -> our own NVAE / NCPVAE / GWAE object (pickle + code paths)
+    python_function  mlflow.pyfunc.load_model(uri)   -> a GenerativeModelServer; `mlflow models serve` serves it
+
+The request form (the model's signature holds it: inputs, outputs and params):
+
+    input   a DataFrame, one row per request
+              request  string   "sample" | "reconstruct" | "encode" | "log_likelihood"
+              image    binary   a PNG of one image of the model's size (gray for 1 channel, RGB for 3); empty
+                                (or absent) for "sample". Over REST, binary values travel base64-encoded, and a
+                                batch that mixes "sample" rows with image rows gives the sample rows "".
+    params  n (long, 1)             images per "sample" row
+            temperature (double, 1) prior temperature of "sample" (NVAE, NCP)
+            method (string, "")     NCP sampling: "sir" (the default), "langevin" or "base"
+            mode (string, "sample") "sample" draws from p(x|z), "mean" returns its mean (sample, reconstruct)
+            k (long, 100)           importance samples of "log_likelihood"
+            seed (long, -1)         seed the draw (>= 0) for repeatable answers
+    output  a DataFrame, one row per answer; `input_row` says which request row it answers
+              sample, reconstruct  image (binary PNG)
+              encode               group, latent_shape, latents: one row per latent group (NVAE, NCP: the
+                                   posterior means, top group first; GWAE: one group, the encoder mean)
+              log_likelihood       nll_nats, bits_per_dim, estimator: the importance-weighted bound with k draws
+                                   (NCP: under its own prior, normalisers by Monte Carlo); a GWAE has no likelihood
+
+    curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+      -d '{"dataframe_records": [{"request": "sample"}], "params": {"n": 4, "temperature": 0.8}}'
+
+At logging time this file is also copied into the model's code directory as `vaepipe_serving.py`, the pyfunc loader
+module, so a model serves with nothing of vaepipe installed; everything the served path needs (numpy, torch, PIL,
+mlflow) is imported at the top, and the rest of vaepipe only inside the functions that run in the pipeline.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+REQUESTS = ("sample", "reconstruct", "encode", "log_likelihood")
+KINDS = {"NVAE": "nvae", "NCPVAE": "ncp", "GWAE": "gwae"}
+LOADER_MODULE = "vaepipe_serving"  # the name this file has inside a logged model's code directory
+PARAM_DEFAULTS: dict[str, Any] = {"n": 1, "temperature": 1.0, "method": "", "mode": "sample", "k": 100, "seed": -1}
+MAX_SAMPLES = 1024  # per request row: a bound on one call's memory and time
+MAX_K = 10000
+
+
+class RequestError(MlflowException):
+    """A request the model cannot answer as asked; the scoring server returns it as HTTP 400 with this message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# ---------------------------------------------------------------------------------------------------- signature
+
+
+def request_signature():
+    """The signature every vaepipe model is logged with: the request frame, the answer frame and the params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec("string", "request"), ColSpec("binary", "image", required=False)])
+    outputs = Schema([
+        ColSpec("long", "input_row"),
+        ColSpec("string", "request"),
+        ColSpec("binary", "image", required=False),
+        ColSpec("long", "group", required=False),
+        ColSpec(Array("long"), "latent_shape", required=False),
+        ColSpec(Array("double"), "latents", required=False),
+        ColSpec("double", "nll_nats", required=False),
+        ColSpec("double", "bits_per_dim", required=False),
+        ColSpec("string", "estimator", required=False),
+    ])
+    types = {int: "long", float: "double", str: "string"}
+    params = ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in PARAM_DEFAULTS.items()])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def request_example(image_shape: Sequence[int], image: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
+    """An input example that exercises two request types: a 'sample' row and a 'reconstruct' row, with params."""
+    if image is None:
+        c, h, w = image_shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        image = np.broadcast_to(((xx + yy) * 255 // max(1, h + w - 2)).astype(np.uint8), (c, h, w))
+    frame = pd.DataFrame({"request": ["sample", "reconstruct"], "image": [b"", encode_png(image)]})
+    return frame, {"n": 2, "temperature": 1.0, "seed": 0}
+
+
+# ---------------------------------------------------------------------------------------------------- codec
+
+
+def encode_png(image: Any) -> bytes:
+    """A (C, H, W) or (H, W) image, uint8 or float in [0, 1] (numpy or torch), as PNG bytes."""
+    from PIL import Image
+
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if arr.ndim == 3:
+        arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: Any, image_shape: Sequence[int], row: int) -> np.ndarray:
+    """PNG bytes (or a base64 string of them) -> a (C, H, W) uint8 array of the model's shape, or a RequestError."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = image_shape
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data)
+        except ValueError:
+            raise RequestError(f"row {row}: 'image' is a string but not base64; send a base64-encoded PNG") from None
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise RequestError(f"row {row}: this request needs 'image', a PNG of {h}x{w} pixels ({_channels(c)})")
+    try:
+        img = Image.open(io.BytesIO(bytes(data)))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise RequestError(f"row {row}: 'image' is not a readable PNG ({e}); send PNG bytes, base64-encoded in JSON")
+    if img.size != (w, h):
+        raise RequestError(f"row {row}: the image is {img.size[1]}x{img.size[0]} pixels, the model takes {h}x{w}; "
+                           f"resize it to {h}x{w} first")
+    arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
+    return arr[None] if c == 1 else np.transpose(arr, (2, 0, 1))
+
+
+def _channels(c: int) -> str:
+    return "grayscale" if c == 1 else "RGB"
+
+
+def decode_images(b64_or_bytes: Sequence[Any]) -> list[np.ndarray]:
+    """Answer images (PNG bytes or base64 strings, as in a REST response) as (H, W) or (H, W, 3) uint8 arrays."""
+    from PIL import Image
+
+    out = []
+    for item in b64_or_bytes:
+        raw = base64.b64decode(item) if isinstance(item, str) else bytes(item)
+        out.append(np.asarray(Image.open(io.BytesIO(raw))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the service
+
+
+class GenerativeModelServer:
+    """The pyfunc face of an NVAE, NCP-VAE or GWAE: answers request frames (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        kind = KINDS.get(type(model).__name__)
+        if kind is None:
+            raise TypeError(f"GenerativeModelServer serves NVAE, NCPVAE and GWAE models, not {type(model).__name__}")
+        self.kind = kind
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.vae = model.vae if kind == "ncp" else model  # the NVAE that encodes and scores (NCP: the frozen base)
+        cfg = getattr(self.vae, "cfg", None) or getattr(self.vae, "config")
+        self.image_shape = tuple(int(v) for v in cfg.image_shape)
+
+    def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        frame = _as_frame(model_input)
+        p = self._params(params)
+        if p["seed"] >= 0:
+            torch.manual_seed(p["seed"])
+        answers: list[dict[str, Any]] = []
+        by_request: dict[str, list[int]] = {}
+        for i, request in enumerate(frame["request"].tolist()):
+            if request not in REQUESTS:
+                raise RequestError(f"row {i}: request {request!r} is not one of {', '.join(REQUESTS)}")
+            by_request.setdefault(request, []).append(i)
+        for request, rows in by_request.items():
+            if request == "sample":
+                for i in rows:
+                    answers += [{"input_row": i, "request": request, "image": encode_png(x)}
+                                for x in self._sample(p)]
+                continue
+            images = frame["image"] if "image" in frame.columns else pd.Series([None] * len(frame))
+            x = torch.from_numpy(np.stack([decode_png(images.iloc[i], self.image_shape, i) for i in rows]))
+            x = x.to(self.device, torch.float32) / 255.0
+            answers += getattr(self, f"_{request}")(x, rows, p)
+        answers.sort(key=lambda a: a["input_row"])  # stable: a request's answers keep their order
+        return _answer_frame(answers)
+
+    def _params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        p = {**PARAM_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
+        unknown = sorted(set(p) - set(PARAM_DEFAULTS))
+        if unknown:
+            raise RequestError(f"unknown params {unknown}; the model takes {', '.join(PARAM_DEFAULTS)}")
+        try:
+            p = {k: type(PARAM_DEFAULTS[k])(v) for k, v in p.items()}
+        except (TypeError, ValueError):
+            raise RequestError(f"params {dict(params or {})} do not fit their types "
+                               f"(n, k, seed: integers; temperature: a number; method, mode: strings)") from None
+        if not 1 <= p["n"] <= MAX_SAMPLES:
+            raise RequestError(f"params.n={p['n']} must be between 1 and {MAX_SAMPLES} (images per 'sample' row)")
+        if not 1 <= p["k"] <= MAX_K:
+            raise RequestError(f"params.k={p['k']} must be between 1 and {MAX_K} (importance samples)")
+        if not (math.isfinite(p["temperature"]) and p["temperature"] >= 0):
+            raise RequestError(f"params.temperature={p['temperature']} must be >= 0 (1 is the model; 0.6-0.9 typical)")
+        if p["mode"] not in ("sample", "mean"):
+            raise RequestError(f"params.mode={p['mode']!r} must be 'sample' (draw from p(x|z)) or 'mean'")
+        if self.kind == "ncp":
+            p["method"] = p["method"] or "sir"
+            if p["method"] not in ("sir", "langevin", "base"):
+                raise RequestError(f"params.method={p['method']!r} must be 'sir', 'langevin' or 'base' (NCP sampling)")
+        elif p["method"] not in ("", "base"):
+            raise RequestError(f"params.method={p['method']!r} is for NCP-VAE models (models:/<name>-ncp@...); this "
+                               f"{self.kind.upper()} samples from its own prior: leave method out")
+        if self.kind == "gwae" and p["temperature"] != 1.0:
+            raise RequestError("params.temperature: a GWAE samples from its learned prior, which has no temperature; "
+                               "leave temperature out (or 1.0)")
+        return p
+
+    def _sample(self, p: dict[str, Any]) -> torch.Tensor:
+        if self.kind == "ncp":
+            with torch.no_grad() if p["method"] != "langevin" else torch.enable_grad():
+                return self.model.sample(p["n"], method=p["method"], temperature=p["temperature"], mode=p["mode"])
+        if self.kind == "gwae":
+            return self.model.sample(p["n"])
+        return self.model.sample(p["n"], temperature=p["temperature"], mode=p["mode"])
+
+    def _reconstruct(self, x: torch.Tensor, rows: list[int], p: dict[str, Any]) -> list[dict[str, Any]]:
+        x_hat = self.vae.reconstruct(x) if self.kind == "gwae" else self.vae.reconstruct(x, mode=p["mode"])
+        return [{"input_row": i, "request": "reconstruct", "image": encode_png(img)} for i, img in zip(rows, x_hat)]
+
+    def _encode(self, x: torch.Tensor, rows: list[int], p: dict[str, Any]) -> list[dict[str, Any]]:
+        with torch.no_grad():
+            groups = [self.vae.encode(x)[0]] if self.kind == "gwae" else self.vae.posterior_means(x)
+        out = []
+        for j, i in enumerate(rows):
+            for g, z in enumerate(groups):
+                out.append({"input_row": i, "request": "encode", "group": g, "latent_shape": list(z.shape[1:]),
+                            "latents": z[j].flatten().double().cpu().tolist()})
+        return out
+
+    def _log_likelihood(self, x: torch.Tensor, rows: list[int], p: dict[str, Any]) -> list[dict[str, Any]]:
+        from vae.metrics import bits_per_dim, importance_weighted_nll
+
+        if self.kind == "gwae":
+            raise RequestError("log_likelihood: a GWAE has no likelihood (it is fitted with a Gromov-Wasserstein "
+                               "objective, not a decoder density); ask an NVAE or NCP-VAE model, or use 'encode' "
+                               "and 'reconstruct'")
+        dims = getattr(self.vae, "scored_dims", None) or math.prod(self.image_shape)  # a crop's border is not scored
+        if self.kind == "ncp" and hasattr(self.model, "importance_weighted_nll"):
+            # the NCP prior's own likelihood: its normalisers Z_k are estimated per image, so images go one by one
+            with torch.no_grad():
+                nll = [self.model.importance_weighted_nll([x[j:j + 1]], k=p["k"])["nll"] for j in range(len(x))]
+            estimator = f"importance-weighted bound, k={p['k']}, NCP prior (Monte Carlo normalisers)"
+        else:
+            with torch.no_grad():
+                nll = importance_weighted_nll(self.vae, x, k=p["k"]).cpu().tolist()
+            estimator = f"importance-weighted bound, k={p['k']}" + (", the frozen NVAE's prior" if self.kind == "ncp"
+                                                                     else "")
+        return [{"input_row": i, "request": "log_likelihood", "nll_nats": float(v),
+                 "bits_per_dim": float(bits_per_dim(float(v), dims)), "estimator": estimator}
+                for i, v in zip(rows, nll)]
+
+
+def _as_frame(model_input: Any) -> pd.DataFrame:
+    if isinstance(model_input, pd.DataFrame):
+        frame = model_input
+    elif isinstance(model_input, Mapping):
+        frame = pd.DataFrame({k: v if isinstance(v, (list, tuple, np.ndarray)) else [v] for k, v in model_input.items()})
+    elif isinstance(model_input, list) and all(isinstance(r, Mapping) for r in model_input):
+        frame = pd.DataFrame(list(model_input))
+    else:
+        raise RequestError(f"input of type {type(model_input).__name__} is not a request frame; send a DataFrame "
+                           "(or records) with a 'request' column and, for images, an 'image' column of PNG bytes")
+    if "request" not in frame.columns or len(frame) == 0:
+        raise RequestError(f"the input needs a 'request' column ({', '.join(REQUESTS)}) and at least one row")
+    return frame.reset_index(drop=True)
+
+
+_ANSWER_COLUMNS = ("input_row", "request", "image", "group", "latent_shape", "latents", "nll_nats", "bits_per_dim",
+                   "estimator")
+
+
+def _answer_frame(answers: list[dict[str, Any]]) -> pd.DataFrame:
+    """The answers with the columns some answer has, None (JSON null) where an answer has no value."""
+    present = [c for c in _ANSWER_COLUMNS if any(c in a for a in answers)]
+    data = {c: pd.Series([a.get(c) for a in answers], dtype=object) for c in present}
+    frame = pd.DataFrame(data)
+    if "input_row" in frame:
+        frame["input_row"] = frame["input_row"].astype("int64")
+    return frame
+
+
+def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> GenerativeModelServer:
+    """pyfunc loader: `path` is the model directory; the torch object loads through its pytorch flavour."""
+    import mlflow.pytorch
+
+    device = (model_config or {}).get("device") or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = mlflow.pytorch.load_model(path, map_location=device)
+    return GenerativeModelServer(model, device)
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+
+
+def save_model(path: str, mlflow_model, pytorch_model: torch.nn.Module, code_paths: Sequence[str],
+               pip_requirements: Sequence[str], example_image: np.ndarray | None = None, **_: Any) -> None:
+    """The flavour writer `Model.log` calls: the pytorch flavour as mlflow.pytorch writes it (pickle, our code), then
+    a python_function flavour whose loader is this file, with the request signature and a validated example."""
+    import mlflow.pytorch
+    from mlflow import pyfunc
+    from mlflow.models.model import MLMODEL_FILE_NAME
+
+    server = GenerativeModelServer(pytorch_model)  # refuses a model kind it cannot serve, before writing anything
+    mlflow.pytorch.save_model(
+        pytorch_model, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=list(code_paths),
+        pip_requirements=list(pip_requirements), signature=request_signature(),
+        input_example=request_example(server.image_shape, example_image),
+    )
+    mlflow_model.flavors.pop(pyfunc.FLAVOR_NAME, None)
+    pyfunc.add_to_model(mlflow_model, loader_module=LOADER_MODULE, code="code", conda_env="conda.yaml",
+                        python_env="python_env.yaml", model_config={"device": None})
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+
+
+def log_model(model: torch.nn.Module, name: str, run_id: str, model_id: str | None = None,
+              code_paths: Sequence[str] | None = None, pip_requirements: Sequence[str] | None = None,
+              example_images: Any = None):
+    """Log `model` with both flavours to `run_id` (into the LoggedModel `model_id` when given); returns ModelInfo.
+
+    `code_paths` default to the `vae` package; this file joins them as the pyfunc loader module. `example_images`
+    (a batch, uint8 or float in [0, 1]) gives the input example its image; without it a gradient stands in."""
+    import sys
+
+    from mlflow.models import Model
+
+    if code_paths is None:
+        import vae
+
+        code_paths = [str(Path(vae.__file__).resolve().parent)]
+    if pip_requirements is None:
+        import mlflow
+
+        pip_requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+    example = None
+    if example_images is not None:
+        first = np.asarray(example_images[0])
+        example = first if first.dtype == np.uint8 else (np.clip(first, 0, 1) * 255 + 0.5).astype(np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        loader = Path(tmp) / f"{LOADER_MODULE}.py"
+        shutil.copyfile(Path(__file__).resolve(), loader)
+        return Model.log(artifact_path=None, name=name, flavor=sys.modules[__name__], run_id=run_id, model_id=model_id,
+                         pytorch_model=model, code_paths=[*code_paths, str(loader)],
+                         pip_requirements=list(pip_requirements), example_image=example)
+
+
+# ---------------------------------------------------------------------------------------------------- lineage
+
+
+class SplitDataset(MetaDataset):
+    """One split of a prepared dataset as MLflow sees it: metadata only, with a profile (split, size, digests)."""
+
+    def __init__(self, source, name: str, digest: str, schema, profile: dict[str, Any]) -> None:
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest, schema=schema)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def _split_datasets(data_path: str, splits: Sequence[str]) -> list:
+    """MLflow datasets (metadata only: the shards stay where they are) for the splits of a prepared dataset that it
+    has; each with its split's name, directory or URI, shard digest, schema and a profile (split, size, manifest)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    from pipelines.data import read_manifest
+    from pipelines.data.manifest import MANIFEST_NAME, join, resolve
+
+    manifest = read_manifest(data_path)
+    fs, root = resolve(data_path)
+    with fs.open_input_stream(join(root, MANIFEST_NAME)) as f:
+        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    location = data_path.rstrip("/") if "://" in data_path else root
+    schema = Schema([ColSpec("binary", "image"), ColSpec("long", "label", required=False),
+                     ColSpec(Array("float"), "factors", required=False)])
+    out = []
+    for split in splits:
+        if not manifest.splits.get(split, 0):
+            continue
+        shards = [s.sha256 for s in manifest.shards.get(split, ())]
+        digest = hashlib.sha256(json.dumps({"shape": list(manifest.shape), "shards": shards}).encode()).hexdigest()
+        profile = {"split": split, "num_examples": int(manifest.splits[split]), "shape": list(manifest.shape),
+                   "shards": len(shards), "manifest_sha256": manifest_sha, "content_sha256": manifest.sha256}
+        with warnings.catch_warnings():  # two registered local sources both claim a plain path: same class
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            source = resolve_dataset_source(f"{location}/{split}")
+        out.append((split, SplitDataset(source, f"{manifest.name}-{split}", digest[:12], schema, profile)))
+    return out
+
+
+_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def log_dataset_inputs(tracker, run_id: str, data_path: str, splits: Sequence[str]) -> None:
+    """Record each split a stage reads as an MLflow dataset input of `run_id` (the UI's Dataset column): name
+    `<dataset>-<split>`, source (the split's directory or URI), digest (its shards' sha256), and a profile with
+    the split, its size and the manifest's sha256. Splits the data set does not have are skipped."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, _CONTEXTS.get(split, split)),
+                                                         InputTag("vaepipe.split", split)])
+              for split, dataset in _split_datasets(data_path, splits)]
+    if inputs:
+        tracker.client.log_inputs(run_id, datasets=inputs)
+
+
+# ---------------------------------------------------------------------------------------------------- model card
+
+_RECIPES = {
+    "nvae": ("train", "pipelines/train_vae.py", "an NVAE (hierarchical VAE)", ("val/", "eval/")),
+    "ncp": ("ncp", "pipelines/train_ncp.py", "an NCP-VAE (a frozen NVAE with a noise-contrastive prior)",
+            ("eval/", "ncp/", "val/")),
+    "gwae": ("tune", "pipelines/tune_gwae.py", "the best GWAE of a Ray Tune search", ("best/",)),
+}
+
+
+def config_hash(config: Any) -> str:
+    """12 hex of the sha256 of a config as canonical JSON (a PipelineConfig, or its dict)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _metric_split(key: str, eval_split: str) -> str:
+    prefix = key.split("/", 1)[0]
+    return {"val": "val", "test": "test", "train": "train", "best": "val (best trial)",
+            "eval": eval_split}.get(prefix, "-")
+
+
+def model_card(tracker, name: str, version: str, config: Any, run_id: str) -> str:
+    """The markdown description of a registered version, from its run (tags, metrics, data) and its config."""
+    from pipelines.data import read_manifest
+
+    family = name.rsplit("-", 1)[-1]
+    stage, recipe, what, prefixes = _RECIPES.get(family, ("?", "?", "a vaepipe model", ("val/",)))
+    run = tracker.client.get_run(run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    data_cfg = config.tune.data if family == "gwae" else config.data
+    manifest = read_manifest(data_cfg.path)
+    fs_path = data_cfg.path
+    c, h, w = manifest.shape
+    splits = " / ".join(f"{s} {n}" for s, n in manifest.splits.items() if n)
+    eval_split = "test" if manifest.splits.get("test", 0) and family == "ncp" else ("val" if family == "ncp" else "test")
+    uri = f"models:/{name}/{version}"
+    rows = [(k, _metric_split(k, eval_split), v) for k, v in sorted(metrics.items())
+            if k.startswith(prefixes) and k.count("/") == 1 and not k.endswith("seconds")]
+    metric_lines = "\n".join(f"| `{k}` | {s} | {v:.6g} |" for k, s, v in rows[:24]) or "| (none logged) | | |"
+    sampling = {"nvae": '"n": 16, "temperature": 0.8', "ncp": '"n": 16, "method": "sir"', "gwae": '"n": 16'}
+    python_sample = {"nvae": "model.sample(16, temperature=0.8)", "ncp": 'model.sample(16, method="sir")',
+                     "gwae": "model.sample(16)"}
+    source_model = tags.get("vaepipe.source_model", "none")
+    return f"""# {name} v{version}
+
+{what.capitalize()} for {c}x{h}x{w} images, made by the `{stage}` stage of vaepipe.
+
+| | |
+| --- | --- |
+| recipe | `vaepipe {stage}` ({recipe}), config `{getattr(config, 'name', '?')}` |
+| config hash | `{tags.get('vaepipe.config_hash') or config_hash(config)}` (sha256 of the resolved config; `config.yaml` of the run) |
+| data | `{manifest.name}` at `{fs_path}`: {c}x{h}x{w}, {splits} |
+| data digest | `{tags.get('vaepipe.dataset', '?')}` (dataset.json); content sha256 `{manifest.sha256}` |
+| source model | {source_model if source_model != 'none' else 'none (trained from scratch)'} |
+| pipeline run | `{tags.get('vaepipe.pipeline_run', '?')}`; stage run `{run_id}` |
+| code | git `{tags.get('vaepipe.git_commit', 'unknown')}` |
+| registered | {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} |
+
+## Key metrics
+| metric | split | value |
+| --- | --- | --- |
+{metric_lines}
+
+## Use it
+Load our own class (PyTorch):
+
+    import mlflow
+    model = mlflow.pytorch.load_model("{uri}", map_location="cpu").eval()
+    images = {python_sample[family]}   # (16, {c}, {h}, {w}) in [0, 1]
+
+Through pyfunc (requests: sample, reconstruct, encode, log_likelihood; images as PNG bytes):
+
+    import pandas as pd
+    served = mlflow.pyfunc.load_model("{uri}")
+    answer = served.predict(pd.DataFrame({{"request": ["sample"]}}), params={{{sampling[family]}}})
+
+Serve it over REST:
+
+    mlflow models serve -m {uri} --env-manager local --host 127.0.0.1 --port 5001
+    curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+      -d '{{"dataframe_records": [{{"request": "sample"}}], "params": {{{sampling[family]}}}}}'
+"""
+
+
+def describe_version(tracker, name: str, version: str | int, config: Any, run_id: str) -> str:
+    """Write the model card as the description of `name` version `version`; returns it."""
+    text = model_card(tracker, name, str(version), config, run_id)
+    tracker.client.update_model_version(name, str(version), description=text)
+    return text
+
+
+def note_promotion(tracker, name: str, version: str | int, metric: str, direction: str, value: float | None,
+                   previous: str | None, previous_value: float | None, forced: bool) -> str:
+    """Append to a version's card why it became champion: the metric comparison with the champion it replaced."""
+    mv = tracker.client.get_model_version(name, str(version))
+    shown = "unchecked" if value is None else f"{value:.6g}"
+    if previous is None:
+        why = f"first champion of `{name}`; `{metric}` = {shown}"
+    elif previous_value is None:
+        why = f"replaced v{previous}, which has no `{metric}`; this version has {shown}"
+    else:
+        better = (value is not None and (value < previous_value if direction == "min" else value > previous_value))
+        verdict = "better" if better else ("equal" if value == previous_value else "worse")
+        why = (f"`{metric}` = {shown} against {previous_value:.6g} of v{previous} ({direction} is better: {verdict})")
+    if forced:
+        why += "; promoted with --force"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = (mv.description or f"# {name} v{version}\n").rstrip() + f"\n\n## Champion since {when}\n{why}.\n"
+    tracker.client.update_model_version(name, str(version), description=text)
+    return text
