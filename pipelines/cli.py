@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipelines.redaction import redact_text
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -162,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_error_types() as e:
         if os.environ.get("VAEPIPE_DEBUG"):
             traceback.print_exc()
-        print(f"vaepipe: error: {e}", file=sys.stderr)
+        print(f"vaepipe: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
 
 

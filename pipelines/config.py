@@ -371,5 +371,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return PipelineConfig.from_dict(data)
 
 
-def dump_config(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_config(cfg: PipelineConfig, redact: bool = True) -> str:
+    """The resolved config as YAML; credentials (URIs' user-info, values of secret-named keys) masked unless
+    `redact=False`, since this text goes to consoles, config.yaml artifacts and checkpoints."""
+    from pipelines.redaction import redact_mapping
+
+    data = cfg.to_dict()
+    return yaml.safe_dump(redact_mapping(data) if redact else data, sort_keys=False)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from pipelines.cli import UserError, add_config_args
+from pipelines.redaction import has_credentials, split_credentials
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -53,10 +54,22 @@ PROJECT_REQUIREMENT = "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"
 # data, results and checkpoints belong in storage the cluster reads; .env files hold passwords.
 # Anchored where a bare name would also hit source packages (pipelines/data/ is code, /data/ is data).
 ALWAYS_EXCLUDED = (
-    "/runs/", "/data/", ".venv/", "venv/", ".git/", ".env", "checkpoints/", "mlruns/", "mlartifacts/",
+    "/runs/", "/data/", ".venv/", "venv/", ".git/", "checkpoints/", "mlruns/", "mlartifacts/",
     "*.db", "*.parquet", "*.ckpt", "*.pt", "*.pth", "*.safetensors", "__pycache__/", "*.egg-info/", ".pytest_cache/",
 )
+# Files that hold credentials by convention: environment files, keys and certificates, cloud and tool credentials.
+SECRET_FILES = (
+    ".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".ssh/", ".aws/", ".gcloud/", ".azure/", ".kube/", ".docker/",
+    "credentials", "credentials.*", "*credentials*.json", "*-credentials*", "service-account*.json",
+    "client_secret*.json", "*secret*.json", "*secret*.yaml", "*secret*.yml", ".netrc", ".pgpass", ".git-credentials",
+    ".pypirc", ".npmrc", "auth_token", "*.token", ".htpasswd", "*.kdbx",
+    # Templates that document the variables without values stay.
+    "!.env.example", "!.env.sample", "!.env.template",
+)
+UPLOAD_EXCLUDES = ALWAYS_EXCLUDED + SECRET_FILES
 TAIL_LINES = 25
+_EXCLUDED_SHOWN = 30
 
 
 # ---------------------------------------------------------------------------------------------- addresses
@@ -104,7 +117,9 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str) -> str:
     """Every `scheme://user:password@` inside `text` (an entrypoint with --set overrides) masked."""
-    return re.sub(r"://[^/@\s]+@", f"://{MASK}@", text)
+    from pipelines.redaction import redact_text as _redact
+
+    return _redact(text)
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -184,6 +199,19 @@ def forwarded_env(environ: Mapping[str, str], extra: Sequence[str] = ()) -> dict
                 f"e.g. --env MLFLOW_TRACKING_URI=http://mlflow:5000"
             )
         env[key] = value
+    for key, user_key, password_key in (
+        ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+    ):
+        uri = env.get(key, "")
+        if uri.startswith(("http://", "https://")):
+            # MLflow's REST client takes credentials from its own variables, not from the URI; and the URI is
+            # shown in clear, while these are masked.
+            clean, user, password = split_credentials(uri)
+            env[key] = clean
+            if user is not None:
+                env.setdefault(user_key, user)
+            if password is not None:
+                env.setdefault(password_key, password)
     return env
 
 
@@ -200,21 +228,55 @@ def find_project_root(config_path: Path) -> Path:
     return Path.cwd().resolve()
 
 
-def _is_uploaded(working_dir: Path, path: Path) -> bool:
-    """Whether Ray's packaging (ALWAYS_EXCLUDED plus every .gitignore/.rayignore on the way down) keeps `path`."""
-    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
-
-    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+def _quiet_logger() -> logging.Logger:
     quiet = logging.getLogger(f"{__name__}.upload_check")  # Ray logs every ignore file it reads at INFO
     quiet.propagate = False
-    checks = [_get_excludes(working_dir, list(ALWAYS_EXCLUDED))]
+    return quiet
+
+
+def _is_uploaded(working_dir: Path, path: Path) -> bool:
+    """Whether Ray's packaging (UPLOAD_EXCLUDES plus every .gitignore/.rayignore on the way down) keeps `path`."""
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    checks = [_get_excludes(working_dir, list(UPLOAD_EXCLUDES))]
     node = working_dir
     for part in path.relative_to(working_dir).parts:
-        checks += get_excludes_from_ignore_files(node, include_gitignore=include_gitignore, logger=quiet)
+        checks += get_excludes_from_ignore_files(node, include_gitignore=True, logger=_quiet_logger())
         node = node / part
         if any(check(node) for check in checks):
             return False
     return True
+
+
+def excluded_paths(working_dir: str | os.PathLike) -> list[str]:
+    """What the upload leaves out, relative to `working_dir`, as Ray's packaging walks it: an excluded directory
+    once (`runs/`), not its contents."""
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    root = Path(working_dir).resolve()
+    out: list[str] = []
+
+    def walk(node: Path, checks: list) -> None:
+        checks = checks + get_excludes_from_ignore_files(node, include_gitignore=True, logger=_quiet_logger())
+        for child in sorted(node.iterdir()):
+            if any(check(child) for check in checks):
+                out.append(child.relative_to(root).as_posix() + ("/" if child.is_dir() else ""))
+            elif child.is_dir() and not child.is_symlink():
+                walk(child, checks)
+
+    walk(root, [_get_excludes(root, list(UPLOAD_EXCLUDES))])
+    return out
+
+
+@contextlib.contextmanager
+def _gitignore_honoured() -> Iterator[None]:
+    # RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 would make Ray upload what .gitignore keeps out (often secrets).
+    saved = os.environ.pop("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = saved
 
 
 def build_runtime_env(
@@ -223,7 +285,7 @@ def build_runtime_env(
     pip: Sequence[str] | None = (PROJECT_REQUIREMENT,),
 ) -> dict[str, Any]:
     """The job's runtime env: the uploaded directory, its pip requirements (None: none) and env vars."""
-    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(ALWAYS_EXCLUDED)}
+    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(UPLOAD_EXCLUDES)}
     if pip:
         runtime_env["pip"] = list(pip)
     if env_vars:
@@ -231,12 +293,26 @@ def build_runtime_env(
     return runtime_env
 
 
-def run_entrypoint(config_rel: str, overrides: Sequence[str] = ()) -> str:
-    """`vaepipe run CONFIG --set ...`, shell-quoted (the job runs it through a shell)."""
-    argv = ["vaepipe", "run", config_rel]
+SECRET_OVERRIDE_ENV = "VAEPIPE_SET_{}"
+
+
+def run_entrypoint(config_rel: str, overrides: Sequence[str] = ()) -> tuple[str, dict[str, str]]:
+    """`vaepipe run CONFIG --set ...`, shell-quoted (the job runs it through a shell), and the environment it needs.
+
+    Ray logs a job's entrypoint and shows it to anyone who reaches the dashboard, so an override carrying a
+    credential (a URI's user:password@, a secret-named key) travels as an environment variable of the job,
+    VAEPIPE_SET_<n>, which the entrypoint expands: `--set 'tracking.tracking_uri='"${VAEPIPE_SET_1}"`."""
+    parts = ["vaepipe", "run", shlex.quote(config_rel)]
+    env: dict[str, str] = {}
     for item in overrides:
-        argv += ["--set", item]
-    return shlex.join(argv)
+        key, sep, value = item.partition("=")
+        if sep and has_credentials(key.strip(), value):
+            name = SECRET_OVERRIDE_ENV.format(len(env) + 1)
+            env[name] = value
+            parts += ["--set", shlex.quote(f"{key}=") + f'"${{{name}}}"']
+        else:
+            parts += ["--set", shlex.quote(item)]
+    return " ".join(parts), env
 
 
 def git_commit(directory: Path) -> str | None:
@@ -271,13 +347,14 @@ def submit_job(
     deadline = time.monotonic() + agent_wait_s
     while True:
         try:
-            return client.submit_job(
-                entrypoint=entrypoint,
-                runtime_env=dict(runtime_env or {}),
-                submission_id=submission_id,
-                entrypoint_num_cpus=entrypoint_num_cpus,
-                metadata=dict(metadata or {}),
-            )
+            with _gitignore_honoured():
+                return client.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env=dict(runtime_env or {}),
+                    submission_id=submission_id,
+                    entrypoint_num_cpus=entrypoint_num_cpus,
+                    metadata=dict(metadata or {}),
+                )
         except RuntimeError as e:
             if "No available agent" in str(e) and time.monotonic() < deadline:
                 time.sleep(1.0)
@@ -428,6 +505,8 @@ def _submit(args: argparse.Namespace) -> int:
             f".rayignore), so the job could not read it; keep configs under configs/"
         )
     env = forwarded_env(os.environ, args.env)
+    entrypoint, override_env = run_entrypoint(config_rel.as_posix(), args.overrides)
+    env.update(override_env)
     metadata = {"vaepipe.config": config_rel.as_posix(), "vaepipe.name": cfg.name}
     commit = git_commit(working_dir)
     if commit:
@@ -435,12 +514,15 @@ def _submit(args: argparse.Namespace) -> int:
         env.setdefault("VAEPIPE_GIT_COMMIT", commit)  # .git is not uploaded: runs read the commit from here
     pip = ([] if args.no_pip else [PROJECT_REQUIREMENT]) + list(args.pip)
     runtime_env = build_runtime_env(working_dir, env, pip or None)
-    entrypoint = run_entrypoint(config_rel.as_posix(), args.overrides)
+    excluded = excluded_paths(working_dir)
 
     client = connect(args.address)
     address = normalize_address(args.address)
     print(f"submitting `{redact_text(entrypoint)}` to {redact_url(address)}")
-    print(f"  working dir: {working_dir} (without {', '.join(ALWAYS_EXCLUDED[:4])}, ...; see .rayignore)")
+    print(f"  working dir: {working_dir}")
+    shown = ", ".join(excluded[:_EXCLUDED_SHOWN]) + (f" and {len(excluded) - _EXCLUDED_SHOWN} more"
+                                                      if len(excluded) > _EXCLUDED_SHOWN else "")
+    print(f"  not uploaded ({len(excluded)}: secrets, data, results; .gitignore, .rayignore): {shown or '-'}")
     print(f"  pip: {', '.join(pip) if pip else '(none: the cluster image provides vaepipe)'}")
     if env:
         print("  env: " + ", ".join(f"{k}={v}" for k, v in mask_env(env).items()))

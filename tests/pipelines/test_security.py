@@ -141,3 +141,64 @@ def test_a_train_run_exposes_no_port_and_writes_no_credential(digits16, mlflow_s
         assert not _grep_tree(workdir, needle)  # Ray storage: checkpoints and their config.yaml
         assert not _grep_tree(ray_tmp, needle)  # Ray's session logs, runtime envs, worker output
     assert "s3://****@bucket/cache" in _sqlite_dump(mlflow_server.root / "mlflow.db")  # logged, masked
+
+
+# ------------------------------------------------------------------------------------------------ credentials
+
+
+def _cli(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    full_env.update(env or {})
+    return subprocess.run([str(VAEPIPE), *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=REPO)
+
+
+def test_params_tags_and_config_yaml_never_hold_a_credential(mlflow_store, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.config import load_config
+    from pipelines.tracking import Tracker
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"tracking.workdir={mlflow_store.workdir}", f"tracking.tracking_uri={mlflow_store.tracking_uri}",
+        f"tracking.artifact_location={mlflow_store.artifact_location}",
+        "tracking.registry_uri=postgresql://bob:PLANT-reg-1@db/mlflow", "data.cache_dir=s3://AK:PLANT-cache-2@b/c"])
+    tracker = Tracker(mlflow_store.tracking_uri, mlflow_store.artifact_location)
+    parent = tracker.start_pipeline_run(cfg)
+    tracker.log_params(parent, {"db_password": "PLANT-param-3", "endpoint": "https://u:PLANT-param-4@h/x"})
+    tracker.set_tags(parent, {"vaepipe.api_token": "PLANT-tag-5", "note": "http://u:PLANT-tag-6@h"})
+    client = MlflowClient(mlflow_store.tracking_uri)
+    run = client.get_run(parent)
+    assert run.data.params["tracking.registry_uri"] == "postgresql://****@db/mlflow"
+    assert run.data.params["db_password"] == MASK and run.data.tags["vaepipe.api_token"] == MASK
+    text = Path(client.download_artifacts(parent, "config.yaml", str(tmp_path))).read_text()
+    assert "postgresql://****@db/mlflow" in text and "s3://****@b/c" in text
+    dump = _sqlite_dump(Path(mlflow_store.workdir) / "mlflow.db")
+    stored = dump + text + "".join(p.read_text(errors="replace") for p in
+                                   Path(mlflow_store.artifact_location).rglob("*") if p.is_file())
+    assert "PLANT" not in stored
+
+
+def test_console_and_errors_mask_uri_credentials(tmp_path):
+    shown = _cli(["config", "show", str(REPO / "configs" / "demo.yaml"),
+                  "--set", "tracking.tracking_uri=postgresql://bob:PLANT-show-1@db/mlflow"])
+    assert shown.returncode == 0 and "postgresql://****@db/mlflow" in shown.stdout
+    assert "PLANT" not in shown.stdout + shown.stderr
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = _cli(["runs", "list", "--set", "tracking.connect_timeout_s=1"],
+                env={"MLFLOW_TRACKING_URI": f"http://alice:PLANT-dead-2@127.0.0.1:{port}"})
+    assert dead.returncode == 2 and "Traceback" not in dead.stderr
+    assert f"127.0.0.1:{port}" in dead.stderr and "PLANT" not in dead.stdout + dead.stderr
+
+
+@pytest.mark.slow
+def test_user_password_http_uri_reaches_a_live_server(mlflow_server):
+    host = mlflow_server.uri.removeprefix("http://")
+    out = _cli(["runs", "list"], env={"MLFLOW_TRACKING_URI": f"http://alice:PLANT-live-1@{host}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PLANT" not in out.stdout + out.stderr
+    assert "PLANT" not in (mlflow_server.root / "server.log").read_text(errors="replace")

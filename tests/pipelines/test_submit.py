@@ -110,14 +110,17 @@ def test_credentials_are_forwarded_but_masked():
     }
     env = submit.forwarded_env(environ, ["MY_TOKEN=tok-999", "AWS_SECRET_ACCESS_KEY=override-secret"])
     assert env == {
-        "MLFLOW_TRACKING_URI": "http://bob:pw123@mlflow:5000",
+        # user:password@ of an http tracking URI becomes MLflow's own (masked) variables
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "bob",
+        "MLFLOW_TRACKING_PASSWORD": "pw123",
         "AWS_SECRET_ACCESS_KEY": "override-secret",
         "GOOGLE_APPLICATION_CREDENTIALS": "/keys/sa.json",
         "MY_TOKEN": "tok-999",
     }
     shown = submit.mask_env(env)
-    assert shown["MLFLOW_TRACKING_URI"] == "http://****@mlflow:5000"
-    assert shown["AWS_SECRET_ACCESS_KEY"] == shown["MY_TOKEN"] == submit.MASK
+    assert shown["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert shown["AWS_SECRET_ACCESS_KEY"] == shown["MY_TOKEN"] == shown["MLFLOW_TRACKING_PASSWORD"] == submit.MASK
     assert not any(s in repr(shown) for s in ("pw123", "override-secret", "tok-999", "sa.json"))
     assert submit.redact_text("vaepipe run c.yaml --set tracking.tracking_uri=https://u:pw9@h:5000") == (
         "vaepipe run c.yaml --set tracking.tracking_uri=https://****@h:5000")
@@ -135,21 +138,59 @@ def test_runtime_env_and_entrypoint_are_what_ray_accepts(tmp_path):
     assert parsed["env_vars"] == {"MLFLOW_TRACKING_URI": "http://m:5000"}
     assert "/runs/" in parsed["excludes"] and ".venv/" in parsed["excludes"]
     assert "pip" not in submit.build_runtime_env(tmp_path, {}, None)
-    cmd = submit.run_entrypoint("configs/my demo.yaml", ["train.epochs=2", "name=a b"])
+    cmd, extra = submit.run_entrypoint("configs/my demo.yaml", ["train.epochs=2", "name=a b"])
     assert shlex.split(cmd) == [
         "vaepipe", "run", "configs/my demo.yaml", "--set", "train.epochs=2", "--set", "name=a b"]
+    assert extra == {}
+
+
+def test_overrides_with_credentials_travel_as_env_not_in_the_entrypoint():
+    cmd, extra = submit.run_entrypoint("configs/demo.yaml", [
+        "tracking.tracking_uri=postgresql://bob:pw-77@db/mlflow", "train.epochs=2", "data.aws_secret_key=k-88"])
+    assert "pw-77" not in cmd and "k-88" not in cmd
+    assert extra == {"VAEPIPE_SET_1": "postgresql://bob:pw-77@db/mlflow", "VAEPIPE_SET_2": "k-88"}
+    # The job's shell expands the variables back into the same arguments.
+    out = subprocess.run(["bash", "-c", f"printf '%s\\n' {cmd.removeprefix('vaepipe run ')}"],
+                         env={**extra, "PATH": os.environ["PATH"]}, capture_output=True, text=True).stdout
+    assert out.splitlines() == ["configs/demo.yaml", "--set", "tracking.tracking_uri=postgresql://bob:pw-77@db/mlflow",
+                                "--set", "train.epochs=2", "--set", "data.aws_secret_key=k-88"]
+    assert set(submit.mask_env(extra).values()) == {submit.MASK}
 
 
 def test_repo_rayignore_keeps_runs_venv_data_and_checkpoints_out():
     lines = {ln.strip() for ln in (REPO / ".rayignore").read_text().splitlines() if ln.strip() and ln[0] != "#"}
-    assert set(submit.ALWAYS_EXCLUDED) <= lines, "keep .rayignore and submit.ALWAYS_EXCLUDED in step"
+    assert set(submit.UPLOAD_EXCLUDES) <= lines, "keep .rayignore and submit.UPLOAD_EXCLUDES in step"
     kept = lambda rel: submit._is_uploaded(REPO, REPO / rel)  # noqa: E731
     for rel in ("runs/mlflow.db", "runs/data/digits16/dataset.json", ".venv/bin/python", "data/x.parquet",
-                "checkpoints/step_100/model.pt", "mlruns/0/meta.yaml", ".git/HEAD", "cluster/mlflow/.env"):
+                "checkpoints/step_100/model.pt", "mlruns/0/meta.yaml", ".git/HEAD", "cluster/mlflow/.env",
+                ".env.local", "secrets.env", "configs/deploy.pem", "tls.key", "credentials.json", ".aws/credentials",
+                "gcp-credentials.json", "cluster/.netrc"):
         assert not kept(rel), rel
     for rel in ("configs/demo.yaml", "pipelines/data/prepare.py", "vae/nvae.py", "pyproject.toml",
                 "cluster/mlflow/.env.example", "cluster/kuberay/rayjob.yaml"):
         assert kept(rel), rel
+
+
+def test_secret_files_and_gitignored_files_are_left_out_and_listed(tmp_path, monkeypatch):
+    for rel in ("pipelines/x.py", "configs/demo.yaml", ".env", ".env.local", "secrets.env", "deploy/tls.key",
+                "deploy/ca.pem", "credentials.json", "sub/.aws/credentials", "notes/private.txt", ".env.example"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    (tmp_path / ".gitignore").write_text("notes/private.txt\n")
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # .gitignore is honoured all the same
+    excluded = submit.excluded_paths(tmp_path)
+    assert set(excluded) == {".env", ".env.local", "secrets.env", "deploy/tls.key", "deploy/ca.pem",
+                             "credentials.json", "sub/.aws/credentials", "notes/private.txt"}, excluded
+    # Ray's own packaging of the runtime env agrees: what it zips is what excluded_paths does not list.
+    from ray._private.runtime_env.packaging import create_package
+    zipped = tmp_path.parent / f"{tmp_path.name}.zip"
+    with submit._gitignore_honoured():
+        create_package(str(tmp_path), zipped, excludes=list(submit.UPLOAD_EXCLUDES), include_gitignore=True)
+    import zipfile
+    names = {n.rstrip("/") for n in zipfile.ZipFile(zipped).namelist()}
+    assert {"pipelines/x.py", "configs/demo.yaml", ".env.example"} <= names
+    assert not any(n.endswith((".env", ".env.local", "secrets.env", ".key", ".pem", "credentials.json",
+                               "private.txt")) or ".aws" in n for n in names), names
 
 
 def test_bad_config_or_config_outside_upload_stops_before_any_network(tmp_path, capfd):
