@@ -395,7 +395,8 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
 
     assert _cli("data", "inspect", str(out)) == 0
     printed = capsys.readouterr().out
-    assert "verified 3 shard(s)" in printed and "factors shape [0, 3], scale [0.5, 1]" in printed
+    lo, hi = FACTOR_RANGES["scale"]
+    assert "verified 3 shard(s)" in printed and f"factors shape [0, 3], scale [{lo:g}, {hi:g}]" in printed
     with Image.open(out / "examples.png") as grid:
         assert grid.mode == "RGB" and grid.width >= 256
     assert _cli("data", "inspect", str(out), "--png", str(tmp_path / "grid.png")) == 0
