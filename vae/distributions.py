@@ -10,8 +10,9 @@ and the decoder (output) distributions.
 - DiscGaussian: the bin mass of a Gaussian on n-bit data in [0, 1] (σ-VAE, Rybkin et al., 2021, Sec. 4, "discrete
   variant"); the calibrated likelihood to compare Gaussian decoders in bits/dim.
 - GaussianDecoder: the σ-VAE decoder N(x; μ, σ²I) with a shared σ that is optimal (σ*² = batch MSE), learned or
-  fixed; −log p = D·ln σ + ‖x − μ‖²/(2σ²) + (D/2)·ln 2π.
-- Bernoulli: for binarised data (NVAE's MNIST/Omniglot decoder).
+  fixed; −log p = D·ln σ + ‖x − μ‖²/(2σ²) + (D/2)·ln 2π. A density of continuous pixels, not a probability: compare
+  it with other decoders (nats, bits/dim) only through `discretized()`.
+- Bernoulli: for binary data (NVAE's MNIST/Omniglot decoder, on dynamically binarised images); refuses grey levels.
 
 Every output distribution takes the decoder's raw output and gives elementwise log-likelihoods (B, C, H, W) for x in
 [0, 1]; the model sums (and crops) them itself.
@@ -247,15 +248,23 @@ class DiscGaussian:
 
 
 class Bernoulli:
-    """Bernoulli decoder over binarised images. `log_prob` binarises its targets as (x > 0.5), so the same [0, 1]
-    batch feeds every decoder kind."""
+    """Bernoulli decoder over binary images. `log_prob` refuses grey levels: thresholding them would score a different,
+    static binarisation of the data, and a Bernoulli "likelihood" of a grey level is not a probability of anything."""
 
     def __init__(self, logits: Tensor) -> None:
         self.logits = _full_precision(logits)  # (B, C, H, W)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        target = (x > 0.5).to(self.logits.dtype)
-        return -F.binary_cross_entropy_with_logits(self.logits, target, reduction="none")
+        """x (B, C, H, W) with values in {0, 1} -> (B, C, H, W) log p(x)."""
+        grey = (x != 0) & (x != 1)
+        if bool(grey.any()):
+            raise ValueError(
+                f"Bernoulli decoder: x has {int(grey.sum())} of {x.numel()} values that are not 0 or 1 (e.g. "
+                f"{x[grey][0].item():.4g}); it models binary pixels. Binarise the data (data.binarize=dynamic draws "
+                "x ~ Bernoulli(grey level) each time an image is used, as NVAE does for MNIST; in code: "
+                "torch.bernoulli(x)), or choose a decoder for grey levels (dml, gaussian_*)"
+            )
+        return -F.binary_cross_entropy_with_logits(self.logits, x.to(self.logits.dtype), reduction="none")
 
     def sample(self, temperature: float = 1.0) -> Tensor:
         """Binary (B, C, H, W); the temperature divides the logits (t < 1 sharpens towards the mode)."""
@@ -273,13 +282,15 @@ def soft_clip_below(x: Tensor, minimum: float) -> Tensor:
 class GaussianDecoder:
     """σ-VAE decoder N(x; μ, σ²I) with one σ shared by all pixels and images.
 
-    mode "optimal": σ*² = mean squared error over the whole batch (B·C·H·W elements), recomputed in every `log_prob`
-      and detached (at σ* the loss is stationary in σ, so the gradient wrt μ is the same either way: envelope
-      theorem). log σ is soft-clipped from below at −6 so near-perfect reconstructions do not blow up the loss; as in
-      the σ-VAE code the clip is applied everywhere, which raises σ above σ* by log(1 + e^(−(log σ* + 6))) in log
-      space: +0.6 % at σ* = 0.43, +2.5 % at σ* = 0.1.
-      Before any `log_prob`, `sigma` and `sample` use `log_sigma` if one is given (e.g. a running estimate kept by
-      the model) and raise otherwise.
+    mode "optimal": with fit_sigma (training), σ*² = mean squared error over the whole batch (B·C·H·W elements),
+      recomputed in every `log_prob` and detached (at σ* the loss is stationary in σ, so the gradient wrt μ is the
+      same either way: envelope theorem); the fitted MSE is left in `batch_mse` for the model's running estimate.
+      σ* is a training device: it makes an image's likelihood depend on the other images of its batch. Without
+      fit_sigma (evaluation) σ is `log_sigma`, an estimate made on training data that the caller keeps, so each
+      image is scored on its own. Before any fitting `log_prob`, `sigma` and `sample` also use `log_sigma` if given.
+      log σ is soft-clipped from below at −6 so near-perfect reconstructions do not blow up the loss; as in the σ-VAE
+      code the clip is applied everywhere, which raises σ above σ* by log(1 + e^(−(log σ* + 6))) in log space:
+      +0.6 % at σ* = 0.43, +2.5 % at σ* = 0.1.
     mode "learned": σ = exp(soft-clip(log_sigma)), log_sigma a shared scalar nn.Parameter owned by the model (init 0).
     mode "fixed": σ = fixed_sigma (σ = 1 is plain MSE-sum, i.e. β = 2 in the β ↔ 2σ² correspondence).
     """
@@ -287,15 +298,29 @@ class GaussianDecoder:
     MODES = ("optimal", "learned", "fixed")
     LOG_SIGMA_MIN = -6.0
 
-    def __init__(self, mu: Tensor, mode: str, log_sigma: Tensor | None = None, fixed_sigma: float = 1.0) -> None:
+    def __init__(
+        self,
+        mu: Tensor,
+        mode: str,
+        log_sigma: Tensor | None = None,
+        fixed_sigma: float = 1.0,
+        fit_sigma: bool = True,
+    ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"GaussianDecoder: unknown mode {mode!r}; choose one of {', '.join(self.MODES)}")
         if mode == "learned" and log_sigma is None:
             raise ValueError("GaussianDecoder(mode='learned') needs log_sigma: pass the model's shared nn.Parameter")
+        if mode == "optimal" and not fit_sigma and log_sigma is None:
+            raise ValueError(
+                "GaussianDecoder(mode='optimal', fit_sigma=False) needs log_sigma: pass a σ estimated on training "
+                "data (NVAE keeps one as `running_log_sigma`)"
+            )
         if mode == "fixed" and not fixed_sigma > 0:
             raise ValueError(f"GaussianDecoder: fixed_sigma={fixed_sigma} must be > 0")
         self.mu = _full_precision(mu)  # (B, C, H, W)
         self.mode = mode
+        self.fit_sigma = mode == "optimal" and fit_sigma
+        self.batch_mse: Tensor | None = None  # () the MSE σ* was last fitted to (optimal mode with fit_sigma)
         self._log_sigma: Tensor | None = None
         if mode == "fixed":
             self._log_sigma = torch.tensor(math.log(fixed_sigma), device=mu.device, dtype=self.mu.dtype)
@@ -326,9 +351,9 @@ class GaussianDecoder:
     def log_prob(self, x: Tensor) -> Tensor:
         """x (B, C, H, W) in [0, 1] -> (B, C, H, W) full Gaussian log density, incl. −½·ln 2π."""
         sq = (x - self.mu) ** 2
-        if self.mode == "optimal":
-            mse = sq.mean().detach()
-            self._log_sigma = soft_clip_below(0.5 * torch.log(mse.clamp_min(1e-30)), self.LOG_SIGMA_MIN)
+        if self.fit_sigma:
+            self.batch_mse = sq.mean().detach()
+            self._log_sigma = soft_clip_below(0.5 * torch.log(self.batch_mse.clamp_min(1e-30)), self.LOG_SIGMA_MIN)
         log_sigma = self.log_sigma
         return -0.5 * sq * torch.exp(-2.0 * log_sigma) - log_sigma - 0.5 * _LOG_2PI
 
@@ -363,15 +388,19 @@ def make_output_distribution(
     num_bits: int,
     log_sigma: Tensor | None = None,
     fixed_sigma: float = 1.0,
+    fit_sigma: bool = True,
 ) -> OutputDistribution:
-    """The decoder distribution of `kind` from the decoder's raw output params (B, output_channels(...), H, W)."""
+    """The decoder distribution of `kind` from the decoder's raw output params (B, output_channels(...), H, W).
+    log_sigma, fixed_sigma, fit_sigma: see GaussianDecoder."""
     _check_kind(kind)
     _check_params(f"make_output_distribution({kind!r})", params, output_channels(kind, num_channels, num_mix))
     if kind == "dml":
         return DiscMixLogistic(params, num_mix=num_mix, num_bits=num_bits)
     if kind == "bernoulli":
         return Bernoulli(params)
-    return GaussianDecoder(params, kind.removeprefix("gaussian_"), log_sigma=log_sigma, fixed_sigma=fixed_sigma)
+    return GaussianDecoder(
+        params, kind.removeprefix("gaussian_"), log_sigma=log_sigma, fixed_sigma=fixed_sigma, fit_sigma=fit_sigma
+    )
 
 
 def _check_kind(kind: str) -> None:

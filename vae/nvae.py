@@ -25,7 +25,11 @@ Departures, each for a stated reason:
 - The top prior is exactly N(0, I) (its raw log σ is set so that exp(clamp(·)) + 1e-2 = 1), not N(0, 1.01²).
 - BN re-adjustment resets the decoder's running statistics and takes their exact average over the sampled batches
   (cumulative average) instead of an EMA over 500 batches, and skips batches with non-finite outputs.
-- In eval mode the loss is the plain negative ELBO (β = 1, no balancing, no SR, no CR).
+- In eval mode the loss is the plain negative ELBO (β = 1, no balancing, no SR, no CR), and it is a probability for
+  every decoder: the Gaussian decoders score the bin masses of the discretized Gaussian at `num_x_bits` (σ-VAE's
+  discrete variant) with a σ that does not depend on the batch (optimal σ: the running estimate of the training
+  MSE), so nats and bits/dim compare across decoders and an image's score does not depend on its batch.
+- Likelihoods and KLs are computed in fp32 even under autocast.
 """
 from __future__ import annotations
 
@@ -38,7 +42,14 @@ from torch import Tensor, nn
 
 from vae.config import Config, ConfigError, in_range, non_negative, one_of, positive
 from vae.crvae import TRANSFORM_PRESETS, consistency_kl, make_transform
-from vae.distributions import SIGMA_FLOOR, Normal, OutputDistribution, make_output_distribution, output_channels
+from vae.distributions import (
+    SIGMA_FLOOR,
+    GaussianDecoder,
+    Normal,
+    OutputDistribution,
+    make_output_distribution,
+    output_channels,
+)
 from vae.layers import BN_MOMENTUM, Conv2d, DecoderCell, EncoderCell, PairedFlow
 from vae.regularizers import (
     SpectralRegularizer,
@@ -98,6 +109,13 @@ class NVAEConfig(Config):
     @property
     def num_downsamplings(self) -> int:
         return self.num_preprocess_blocks + self.num_latent_scales - 1
+
+    @property
+    def scored_dims(self) -> int:
+        """How many values the likelihood scores, C·(H − 2·crop)·(W − 2·crop): what bits/dim divides by (784 for
+        MNIST padded to 32×32 with crop 2)."""
+        c, h, w = self.image_shape
+        return c * (h - 2 * self.crop) * (w - 2 * self.crop)
 
     def validate(self) -> None:
         c, h, w = self.image_shape
@@ -202,7 +220,8 @@ class NVAEOutput:
     log_qz: Tensor  # (B,) log q(z | x) = Σ_l log q(z_l | z_<l, x)
     dist: OutputDistribution  # p(x | z) over the whole image, for reconstructions
     stats: dict[str, Tensor]  # detached: beta, kl_total, gammas (L,); training: lambda_sr, sr_loss, bn_loss, cr_kl;
-    # Gaussian decoders: sigma, equivalent_beta
+    # Gaussian decoders: sigma, equivalent_beta, and in eval mode nelbo_continuous (batch mean of the negative ELBO
+    # under the continuous density, the training objective's scale; nelbo itself is then the discretized one)
 
 
 @dataclasses.dataclass
@@ -212,6 +231,7 @@ class _Elbo:
     loss_dist: OutputDistribution
     dist: OutputDistribution
     log_px: Tensor  # (B,)
+    log_px_continuous: Tensor | None  # (B,) the continuous Gaussian density when log_px is its discretization
     kl: Tensor  # (B, L)
     log_p: Tensor  # (B, L)
     cr_kl: Tensor | None  # (B,)
@@ -301,8 +321,11 @@ class NVAE(nn.Module):
         self.head = nn.Sequential(nn.ELU(), Conv2d(ch, out_ch, 3, padding=1))
         if cfg.decoder == "gaussian_learned":
             self.log_sigma = nn.Parameter(torch.zeros(()))  # σ-VAE's shared learned σ, init 1
-        if cfg.decoder == "gaussian_optimal":  # a running estimate of log σ*, so that sampling needs no data
+        if cfg.decoder == "gaussian_optimal":
+            # σ for evaluation and sampling, estimated on training data: log of the running average of the training
+            # batches' MSE (σ*² = MSE), updated by every training forward, and how many batches it has seen.
             self.register_buffer("running_log_sigma", torch.zeros(()))
+            self.register_buffer("sigma_updates", torch.zeros((), dtype=torch.long))
 
         # Schedules (set_step) live in buffers so that checkpoints carry them; until set_step runs: β = 1, λ = λ_SR.
         self.register_buffer("kl_beta", torch.tensor(1.0))
@@ -372,8 +395,13 @@ class NVAE(nn.Module):
             log_sigma = self.running_log_sigma
         return make_output_distribution(
             cfg.decoder, params, num_channels=cfg.image_shape[0], num_mix=cfg.num_mixture_dec,
-            num_bits=cfg.num_x_bits, log_sigma=log_sigma, fixed_sigma=cfg.fixed_sigma,
+            num_bits=cfg.num_x_bits, log_sigma=log_sigma, fixed_sigma=cfg.fixed_sigma, fit_sigma=self.training,
         )
+
+    @property
+    def scored_dims(self) -> int:
+        """How many values the likelihood scores, C·(H − 2·crop)·(W − 2·crop): bits/dim = NLL / (scored_dims·ln 2)."""
+        return self.cfg.scored_dims
 
     # ----------------------------------------------------------------------------------------------------------
     # Paths through the hierarchy.
@@ -445,13 +473,18 @@ class NVAE(nn.Module):
         c = self.cfg.crop
         loss_dist = dist if c == 0 else self.output_distribution(params[:, :, c:-c, c:-c])
         target = x if c == 0 else x[:, :, c:-c, c:-c]
-        log_px = loss_dist.log_prob(target).flatten(1).sum(1)
-        log_p = torch.stack([s.prior.log_prob(s.z).flatten(1).sum(1) for s in steps], dim=1)
-        if self.cfg.num_nf > 0:
-            kl = torch.stack([s.log_q for s in steps], dim=1) - log_p
-        else:
-            kl = torch.stack([s.posterior.kl(s.prior).flatten(1).sum(1) for s in steps], dim=1)
-        return _Elbo(feats, steps, loss_dist, dist, log_px, kl, log_p, cross_kl)
+        with torch.autocast(x.device.type, enabled=False):  # the likelihood in fp32 under any autocast
+            log_px = loss_dist.log_prob(target).flatten(1).sum(1)
+            log_px_continuous = None
+            if not self.training and isinstance(loss_dist, GaussianDecoder):
+                log_px_continuous = log_px
+                log_px = loss_dist.discretized(self.cfg.num_x_bits).log_prob(target).flatten(1).sum(1)
+            log_p = torch.stack([s.prior.log_prob(s.z.float()).flatten(1).sum(1) for s in steps], dim=1)
+            if self.cfg.num_nf > 0:
+                kl = torch.stack([s.log_q for s in steps], dim=1) - log_p
+            else:
+                kl = torch.stack([s.posterior.kl(s.prior).flatten(1).sum(1) for s in steps], dim=1)
+        return _Elbo(feats, steps, loss_dist, dist, log_px, log_px_continuous, kl, log_p, cross_kl)
 
     def forward(self, x: Tensor) -> NVAEOutput:
         """x (B, C, H, W) in [0, 1] -> NVAEOutput.
@@ -479,8 +512,9 @@ class NVAE(nn.Module):
         if cfg.decoder.startswith("gaussian"):
             stats.update(sigma=e.loss_dist.sigma.detach(), equivalent_beta=e.loss_dist.equivalent_beta.detach())
             if self.training and cfg.decoder == "gaussian_optimal":
-                with torch.no_grad():
-                    self.running_log_sigma.lerp_(e.loss_dist.log_sigma.to(self.running_log_sigma), BN_MOMENTUM)
+                self._update_running_sigma(e.loss_dist.batch_mse)
+            if e.log_px_continuous is not None:
+                stats["nelbo_continuous"] = (e.kl.sum(1) - e.log_px_continuous).mean().detach()
         recon = -e.log_px
         stats["kl_total"] = e.kl.sum(1).mean().detach()
         return NVAEOutput(
@@ -488,6 +522,15 @@ class NVAE(nn.Module):
             log_pz=e.log_p.sum(1), log_qz=torch.stack([s.log_q for s in e.steps], dim=1).sum(1), dist=e.dist,
             stats=stats,
         )
+
+    @torch.no_grad()
+    def _update_running_sigma(self, batch_mse: Tensor) -> None:
+        """running MSE ← lerp(running MSE, batch MSE, m) with m = max(BN momentum, 1/(n + 1)) after n batches: the plain
+        average of the first batches, then an exponential one, so that no trace of the initial σ = 1 is left."""
+        rate = (1.0 / (self.sigma_updates + 1).float()).clamp_min(BN_MOMENTUM)
+        mse = torch.exp(2.0 * self.running_log_sigma).lerp(batch_mse.to(self.running_log_sigma), rate)
+        self.running_log_sigma.copy_(0.5 * torch.log(mse.clamp_min(1e-30)))
+        self.sigma_updates.add_(1)
 
     def set_step(self, step: int, total_steps: int) -> None:
         """Set the KL warm-up β_t and the spectral weight λ_SR for optimiser step `step` of `total_steps`."""

@@ -143,10 +143,47 @@ def test_disc_mix_logistic_sample_and_mean_agree():
     params[:, 7 * m :] = 1.5  # strong channel coupling, so the autoregressive part is exercised
     d = DiscMixLogistic(params.expand(50_000, -1, -1, -1), num_mix=m)
     s = d.sample()
-    assert s.shape == (50_000, 3, 1, 1) and s.min() >= 0 and s.max() <= 1
+    assert s.shape == (50_000, 3, 1, 1)
     assert torch.allclose(s.mean(0), d.mean()[0], atol=0.01), (s.mean(0).flatten(), d.mean()[0].flatten())
     cold = d.sample(temperature=0.1)
     assert cold.var(0).sum() < s.var(0).sum()
+
+
+def _level_frequencies(samples: torch.Tensor, bits: int) -> torch.Tensor:
+    levels = 2**bits - 1
+    return torch.bincount(torch.round(samples.flatten() * levels).long(), minlength=levels + 1).double()
+
+
+def _assert_matches_masses(counts: torch.Tensor, log_mass: torch.Tensor) -> None:
+    """Sample counts per level against n·mass, bin by bin within 5 binomial standard errors (plus a count)."""
+    n = counts.sum()
+    mass = log_mass.double().exp()
+    assert mass.sum().item() == pytest.approx(1.0, abs=1e-5)
+    tolerance = 5 * (n * mass * (1 - mass)).sqrt() + 1.0
+    assert ((counts - n * mass).abs() <= tolerance).all(), (counts, n * mass)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5])
+def test_disc_mix_logistic_samples_follow_its_own_bin_masses(scale):
+    """The sampler and the likelihood describe one distribution: the frequency of each 3-bit level among samples
+    is the bin mass log_prob gives it (the clamped tails land in the end bins, which extend to ±∞)."""
+    bits, m, n = 3, 3, 60_000
+    params = torch.randn(1, DiscMixLogistic.num_params(1, m), 1, 1) * scale
+    params[:, 2 * m :] = -1.0  # log-scales of about a bin: the masses spread over several levels
+    counts = _level_frequencies(DiscMixLogistic(params.expand(n, -1, -1, -1), num_mix=m, num_bits=bits).sample(), bits)
+    x = _all_levels(bits).view(-1, 1, 1, 1)
+    log_mass = DiscMixLogistic(params.expand(len(x), -1, -1, -1), num_mix=m, num_bits=bits).log_prob(x).flatten()
+    _assert_matches_masses(counts, log_mass)
+
+
+@pytest.mark.parametrize("mu,log_sigma", [(0.4, -1.5), (0.95, -2.0), (0.1, -0.5)])
+def test_disc_gaussian_samples_follow_its_own_bin_masses(mu, log_sigma):
+    bits, n = 3, 60_000
+    d = DiscGaussian(torch.full((n, 1, 1, 1), mu), torch.tensor(log_sigma), num_bits=bits)
+    counts = _level_frequencies(d.sample(), bits)
+    x = _all_levels(bits).view(-1, 1, 1, 1)
+    log_mass = DiscGaussian(torch.full_like(x, mu), torch.tensor(log_sigma), num_bits=bits).log_prob(x).flatten()
+    _assert_matches_masses(counts, log_mass)
 
 
 def test_disc_mix_logistic_rejects_wrong_channel_count():
@@ -172,17 +209,30 @@ def test_disc_gaussian_sums_to_one_and_matches_cdf(bits, mu, log_sigma):
     assert torch.allclose(lp.flatten().double()[big], mass[big].log(), rtol=1e-3, atol=1e-4)
 
 
-def test_bernoulli_binarises_targets():
-    logits = torch.randn(2, 1, 3, 3)
-    x = torch.rand(2, 1, 3, 3)
-    target = (x > 0.5).float()
-    p = torch.sigmoid(logits)
-    expected = target * torch.log(p) + (1 - target) * torch.log(1 - p)
+def test_bernoulli_log_prob_closed_form_and_sampling_frequencies():
+    logits = torch.randn(2, 1, 3, 3) * 3
+    x = torch.bernoulli(torch.full((2, 1, 3, 3), 0.5))
+    p = torch.sigmoid(logits.double())
+    expected = x * torch.log(p) + (1 - x) * torch.log1p(-p)
     d = Bernoulli(logits)
-    assert torch.allclose(d.log_prob(x), expected, atol=1e-5)
-    assert torch.allclose(d.mean(), p)
-    s = d.sample()
-    assert set(s.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(d.log_prob(x).double(), expected, atol=1e-5)
+    assert torch.allclose(d.mean(), p.float())
+    # Monte Carlo: the share of ones is p (5 standard errors), and t < 1 moves every pixel towards its mode
+    n = 40_000
+    many = Bernoulli(logits[:1].expand(n, -1, -1, -1))
+    share = many.sample().double().mean(0)
+    assert ((share - p[0]).abs() <= 5 * (p[0] * (1 - p[0]) / n).sqrt() + 1e-9).all()
+    cold = many.sample(temperature=0.5).double().mean(0)
+    p_cold = torch.sigmoid(2 * logits[0].double())  # the temperature divides the logits
+    assert ((cold - p_cold).abs() <= 5 * (p_cold * (1 - p_cold) / n).sqrt() + 1e-9).all()
+
+
+@pytest.mark.parametrize("grey", [0.5, 0.999, 1e-3])
+def test_bernoulli_refuses_grey_levels_and_names_the_fix(grey):
+    x = torch.bernoulli(torch.full((2, 1, 4, 4), 0.5))
+    x[1, 0, 2, 3] = grey
+    with pytest.raises(ValueError, match=r"1 of 32 values that are not 0 or 1.*data\.binarize=dynamic.*dml, gaussian"):
+        Bernoulli(torch.zeros(2, 1, 4, 4)).log_prob(x)
 
 
 def _sigma_vae_loss(sigma: float, sse: float, dims: int) -> float:
@@ -211,7 +261,40 @@ def test_optimal_sigma_minimises_the_gaussian_loss():
     assert used <= _sigma_vae_loss(sigma_star * 0.9, sse, dims)
     # the full Gaussian log density, including the normalising constant
     assert -lp.sum().item() == pytest.approx(used + dims / 2 * math.log(2 * math.pi), rel=1e-5)
-    assert d.equivalent_beta.item() == pytest.approx(2 * sigma**2)
+    assert d.batch_mse.item() == pytest.approx(sse / dims, rel=1e-6)
+
+
+def test_optimal_sigma_without_fitting_scores_each_image_alone():
+    """Evaluation (fit_sigma=False) scores with the given σ: an image's log-likelihood does not change with the
+    other images of its batch, while the training fit (σ*² = batch MSE) does."""
+    x, mu = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    other = torch.rand(4, 1, 8, 8)
+    log_sigma = torch.tensor(-1.5)
+    fixed = GaussianDecoder(mu, "optimal", log_sigma=log_sigma, fit_sigma=False)
+    alone = GaussianDecoder(mu[:1], "optimal", log_sigma=log_sigma, fit_sigma=False)
+    torch.testing.assert_close(fixed.log_prob(x)[:1], alone.log_prob(x[:1]))
+    sigma = math.exp(-6 + math.log1p(math.exp(-1.5 + 6)))  # the usual soft clip, nothing fitted
+    torch.testing.assert_close(fixed.log_prob(x), torch.distributions.Normal(mu, sigma).log_prob(x))
+    assert fixed.batch_mse is None
+    mixed = torch.cat([x[:1], other[1:]])
+    fit_a, fit_b = GaussianDecoder(mu, "optimal"), GaussianDecoder(mu, "optimal")
+    assert not torch.allclose(fit_a.log_prob(x)[:1], fit_b.log_prob(mixed)[:1])  # what evaluation must not do
+    with pytest.raises(ValueError, match="fit_sigma=False\) needs log_sigma"):
+        GaussianDecoder(mu, "optimal", fit_sigma=False)
+
+
+def test_equivalent_beta_gives_the_beta_vae_gradient():
+    """β = 2σ² is the KL weight under which a β-VAE with MSE-sum reconstruction, SSE + β·KL, has exactly 2σ² times
+    the σ-VAE loss's gradient (−log N(x; μ, σ²I) + KL), so both reach the same optimum."""
+    x = torch.rand(3, 1, 5, 5)
+    theta = torch.randn(3, 1, 5, 5, requires_grad=True)
+    for sigma in (0.07, 0.4, 1.0):
+        mu = torch.sigmoid(theta)
+        kl = (theta**2).sum() + 0.3 * theta.sum() ** 2  # any differentiable stand-in for the KL term
+        d = GaussianDecoder(mu, "fixed", fixed_sigma=sigma)
+        (g_sigma,) = torch.autograd.grad(-d.log_prob(x).sum() + kl, theta, retain_graph=True)
+        (g_beta,) = torch.autograd.grad(((x - mu) ** 2).sum() + d.equivalent_beta * kl, theta)
+        torch.testing.assert_close(g_beta, 2 * sigma**2 * g_sigma, rtol=1e-5, atol=1e-6)
 
 
 def test_optimal_sigma_is_detached_and_gives_the_envelope_gradient():
@@ -240,10 +323,12 @@ def test_learned_and_fixed_sigma_modes():
     assert log_sigma.grad is not None and log_sigma.grad.abs() > 0
     f = GaussianDecoder(mu, "fixed", fixed_sigma=1.0)
     assert torch.allclose(f.log_prob(x), torch.distributions.Normal(mu, 1.0).log_prob(x), atol=1e-6)
-    assert f.equivalent_beta.item() == pytest.approx(2.0)
-    s = f.sample(temperature=0.5)
-    assert s.shape == mu.shape and s.min() >= 0 and s.max() <= 1
     assert torch.equal(f.mean(), mu.clamp(0, 1))
+    # Monte Carlo: away from the [0, 1] clamp a sample is μ + T·σ·ε
+    centre = torch.full((20_000, 1, 1, 1), 0.5)
+    s = GaussianDecoder(centre, "fixed", fixed_sigma=0.04).sample(temperature=0.5)
+    assert s.mean().item() == pytest.approx(0.5, abs=5 * 0.02 / math.sqrt(20_000))
+    assert s.std().item() == pytest.approx(0.02, rel=0.03)
 
 
 def test_gaussian_decoder_errors_teach():
@@ -276,10 +361,10 @@ def test_make_output_distribution(kind, cls, channels):
                                  log_sigma=torch.zeros(()))
     assert isinstance(d, cls)
     x = torch.rand(2, channels, 4, 4)
-    lp = d.log_prob(x)
+    lp = d.log_prob(torch.bernoulli(x) if kind == "bernoulli" else x)
     assert lp.shape == (2, channels, 4, 4) and torch.isfinite(lp).all()
     for out in (d.sample(), d.mean()):
-        assert out.shape == (2, channels, 4, 4) and out.min() >= 0 and out.max() <= 1
+        assert out.shape == (2, channels, 4, 4) and torch.isfinite(out).all()
 
 
 def test_make_output_distribution_errors_name_the_fix():
