@@ -1,0 +1,165 @@
+"""Store faults a new user meets: each gets one message naming the cause and the fix, within 5 s, and nothing
+in the store is lost. Real sqlite files, real processes holding locks, two real first runs racing."""
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import TrackingConfig
+from pipelines.tracking import Tracker, TrackingUnavailableError
+
+REPO = Path(__file__).resolve().parents[2]
+FAIL_WITHIN_S = 5.0
+
+
+def _connect_error(tracking: TrackingConfig) -> tuple[str, float]:
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as e:
+        Tracker.connect(tracking)
+    took = time.monotonic() - t0
+    return str(e.value), took
+
+
+def _report(name: str, took: float) -> None:
+    print(f"\n[figure] store fault '{name}': clear error after {took:.2f} s")
+
+
+def test_a_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    msg, took = _connect_error(TrackingConfig(workdir=str(tmp_path / "runs")))
+    _report("tracking.workdir is a file", took)
+    assert "is a file" in msg and "tracking.workdir" in msg and took < FAIL_WITHIN_S
+    assert (tmp_path / "runs").read_text() == "not a directory"  # untouched
+
+
+@pytest.mark.parametrize("kind", ["overwritten", "truncated"])
+def test_a_corrupt_database(tmp_path, mlflow_template_db, kind):
+    db = tmp_path / "mlflow.db"
+    if kind == "overwritten":
+        db.write_bytes(os.urandom(64 * 1024))
+    else:
+        db.write_bytes(mlflow_template_db.read_bytes()[: 40 * 1024])  # a copy cut short (disk full, killed copy)
+    before = db.read_bytes()
+    msg, took = _connect_error(TrackingConfig(workdir=str(tmp_path)))
+    _report(f"corrupt mlflow.db ({kind})", took)
+    assert took < FAIL_WITHIN_S
+    assert str(db) in msg and f"mv {db} {db}.broken" in msg and "backup" in msg
+    assert ("not a SQLite database" if kind == "overwritten" else "malformed") in msg
+    assert db.read_bytes() == before  # never "repaired" or overwritten
+
+
+def test_a_locked_database(tmp_path, mlflow_template_db):
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template_db, db)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sqlite3, sys, time
+            con = sqlite3.connect({str(db)!r}, isolation_level=None)
+            con.execute("BEGIN EXCLUSIVE")
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        msg, took = _connect_error(TrackingConfig(workdir=str(tmp_path)))
+    finally:
+        holder.kill()
+        holder.wait()
+    _report("mlflow.db locked by another process", took)
+    assert took < FAIL_WITHIN_S
+    assert "locked" in msg and f"fuser {db}" in msg and "mlflow server" in msg
+    Tracker.connect(TrackingConfig(workdir=str(tmp_path)))  # the lock gone, the same store works
+
+
+_CONNECT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {repo!r})
+    from pipelines.config import TrackingConfig
+    from pipelines.tracking import Tracker, TrackingUnavailableError
+    t0 = time.monotonic()
+    try:
+        Tracker.connect(TrackingConfig(workdir={workdir!r}))
+    except TrackingUnavailableError as e:
+        print(f"{{time.monotonic() - t0:.3f}}")
+        print(e)
+        sys.exit(3)
+    print("connected")
+""")
+
+
+def test_a_read_only_store_directory(tmp_path):
+    # Root writes anywhere: as root, the store is opened by a process without the capabilities that override
+    # file permissions, as an ordinary user would be.
+    base = Path(tempfile.mkdtemp(prefix="vaepipe-ro-", dir="/tmp"))
+    try:
+        store = base / "runs"
+        store.mkdir(mode=0o555)
+        store.chmod(0o555)
+        if os.getuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.skip("running as root without setpriv: cannot make a directory read-only to this process")
+            caps = "-dac_override,-dac_read_search"
+            out = subprocess.run([setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", "--", sys.executable,
+                                  "-c", _CONNECT.format(repo=str(REPO), workdir=str(store))],
+                                 capture_output=True, text=True, timeout=120,
+                                 env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+            assert out.returncode == 3, (out.stdout, out.stderr[-3000:])
+            took_text, msg = out.stdout.split("\n", 1)
+            took = float(took_text)
+        else:
+            msg, took = _connect_error(TrackingConfig(workdir=str(store)))
+        _report("read-only store directory", took)
+        assert took < FAIL_WITHIN_S
+        assert "cannot write" in msg and f"chmod u+w {store}" in msg and "tracking.workdir" in msg
+        assert not (store / "mlflow.db").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_cli_answers_a_store_fault_with_one_line_and_exit_2(tmp_path):
+    (tmp_path / "mlflow.db").write_bytes(b"garbage" * 1000)
+    t0 = time.monotonic()
+    out = subprocess.run([str(Path(sys.executable).with_name("vaepipe")), "runs", "list", "--set",
+                          f"tracking.workdir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+    took = time.monotonic() - t0
+    print(f"\n[figure] `vaepipe runs list` on a corrupt store: exit {out.returncode} after {took:.2f} s "
+          f"(including Python and MLflow imports)")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("vaepipe: error:") and "not a SQLite database" in out.stderr
+
+
+def test_two_first_runs_racing_on_a_new_store(tmp_path):
+    """Both create the same new store at once; the file lock lets one migrate while the other waits."""
+    workdir = tmp_path / "new-store"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from pipelines.config import TrackingConfig
+        from pipelines.tracking import Tracker
+        go = float(sys.argv[1])
+        time.sleep(max(0.0, go - time.time()))
+        tracker = Tracker.connect(TrackingConfig(workdir={str(workdir)!r}))
+        print("experiment", tracker.experiment_id("race"))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    go = time.time() + 8.0  # both past their imports, then at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    ids = {out.split()[-1] for out, _ in outs}
+    assert len(ids) == 1  # one experiment, created once
+    con = sqlite3.connect(workdir / "mlflow.db")
+    assert con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
