@@ -7,7 +7,8 @@
   expectation and consistent as K → ∞ (Burda et al., Thm. 1); the NLL reported is its negative.
 - Active units (Burda et al., 2016, Sec. 5.2): A_u = Var_x(E_{q(z|x)}[z_u]); unit u is active when A_u > 0.01.
 - Linear probe: logistic regression on standardised posterior means (CR-VAE, Sinha & Dieng 2021, Sec. 5).
-- Fréchet distance between Gaussian fits of two feature sets (Heusel et al., 2017, the FID):
+- Fréchet distance between Gaussian fits of two feature sets (Heusel et al., 2017, whose FID is this distance in
+  Inception-v3 pool features; in any other feature space it is not FID):
     d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}).
 - Improved precision and recall (Kynkäänniemi et al., 2019, Eqs. 1-3): the union of k-NN balls around each set's
   points estimates its manifold; precision = share of generated points inside the real manifold, recall = share of
@@ -303,8 +304,9 @@ def linear_probe_accuracy(
     return float(probe.score(test, y_te))
 
 
-def fid_from_features(features_1: Tensor | np.ndarray, features_2: Tensor | np.ndarray) -> float:
-    """Fréchet distance d² between Gaussian fits (mean, unbiased covariance) of two feature sets (N_i, D).
+def frechet_distance(features_1: Tensor | np.ndarray, features_2: Tensor | np.ndarray) -> float:
+    """Fréchet distance d² between Gaussian fits (mean, unbiased covariance) of two feature sets (N_i, D); it is FID
+    only when the features are Inception-v3's pool features.
 
     Tr (Σ₁Σ₂)^{1/2} is computed as Σ_i sqrt(λ_i) over the eigenvalues of the symmetric PSD matrix
     Σ₁^{1/2} Σ₂ Σ₁^{1/2}, which has the same spectrum as Σ₁Σ₂. This equals the usual scipy.linalg.sqrtm(Σ₁Σ₂) trace
@@ -325,6 +327,9 @@ def fid_from_features(features_1: Tensor | np.ndarray, features_2: Tensor | np.n
     trace_sqrt = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2.0).clip(min=0.0)).sum()
     d2 = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
     return max(d2, 0.0)  # rounding can leave −1e-12 for identical sets
+
+
+fid_from_features = frechet_distance  # the earlier public name, kept for existing callers
 
 
 def _kth_neighbour_radii(points: Tensor, k: int, chunk_rows: int) -> Tensor:

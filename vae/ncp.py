@@ -1,7 +1,7 @@
 """NCP-VAE: noise-contrastive priors for a trained, frozen NVAE (Aneja, Schwing, Kautz & Vahdat, "A Contrastive
-Learning Approach for Training Variational Autoencoder Priors", NeurIPS 2021), as in METHODS.md §2.
+Learning Approach for Training Variational Autoencoder Priors", NeurIPS 2021).
 
-Prior (§2.2, hierarchical form): p_NCP(z) = Π_k r_k(z_k, z_<k)·p(z_k | z_<k) / Z_k(z_<k), with
+Prior (hierarchical form): p_NCP(z) = Π_k r_k(z_k, z_<k)·p(z_k | z_<k) / Z_k(z_<k), with
 r_k ≈ q(z_k | z_<k)/p(z_k | z_<k) the ratio of the aggregate posterior's conditional to the base prior's, and
 Z_k(z_<k) = E_{p(z_k|z_<k)}[r_k]. Groups are indexed top-down as in `vae.nvae` (k = 0 is the top group).
 
@@ -21,12 +21,16 @@ Sampling (`NCPVAE.sample`):
   Z_k depends on z_<k, which holds at the optimum r_k = q_k/p_k (every Z_k ≡ 1) but not for an arbitrary r.
 - A temperature T scales every σ of the base prior in all three methods; r itself is not tempered.
 
-Likelihood (§2.2): log p_NCP(x) ≥ ELBO(x) + Σ_k E_q[log r_k − log Z_k(z_<k)]. Each group's term is exactly the
+Likelihood: log p_NCP(x) ≥ ELBO(x) + Σ_k E_q[log r_k − log Z_k(z_<k)]. Each group's term is exactly the
 reduction of E_x KL(q(z|x) ‖ ·) from p to p_NCP in that group; `ncp_gain` estimates it with the inner Monte Carlo
 log Ẑ_k(c) = logmeanexp over S prior draws at each posterior context (only the classifier runs on the draws, so the
 nested estimate is cheap). E[log Ẑ] ≤ log Z, so the gain is biased upwards by O(1/S).
+The likelihood itself (`NCPVAE.importance_weighted_nll`): importance sampling with the frozen encoder as proposal,
+    log p_NCP(x) ≈ logmeanexp_i [log p(x|z_i) + log p(z_i) − log q(z_i|x) + Σ_k (log r_k(z_ik) − log Ẑ_k(z_i,<k))],
+z_i ~ q(z|x), with Ẑ_k estimated by M prior draws at every draw's own context (nested Monte Carlo; the top group's
+context is constant, so Ẑ_0 is estimated once) and the estimate's Monte Carlo error stated by the delta method.
 
-Choices where METHODS leaves room, each with its reason:
+Choices the paper leaves open, each with its reason:
 - D_k reads [z_k, 1×1 projection of c_k] through residual Swish-conv blocks without normalisation (its output must
   not depend on what else is in the batch: SIR scores M candidates of one context together), then a global mean pool
   and a linear logit. Blocks after the first halve maps larger than 4×4, to widen the receptive field.
@@ -82,6 +86,9 @@ class NCPConfig(Config):
     cpus_per_group: float = dataclasses.field(default=1.0, metadata=positive())
     gpus_per_group: float = dataclasses.field(default=0.0, metadata=non_negative())
     eval_samples: int = dataclasses.field(default=500, metadata=in_range(4, None))
+    # torch-fidelity's Inception-v3 weights (a local path or an MLflow artifact URI) to add Inception FID/KID to the
+    # stage's evaluation; "" leaves them out (they are never downloaded).
+    inception_weights: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,20 +491,29 @@ class NCPVAE(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # Normalising constants and the likelihood gain.
 
-    def _log_z(self, k: int, context: Tensor, n_samples: int) -> Tensor:
-        """(B,) log Ẑ_k = logmeanexp over n_samples draws z_k ~ p(z_k | c) of log r_k, for each context row."""
+    def log_normalizer(self, k: int, context: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
+        """(log Ẑ_k, Var[log Ẑ_k]), both (B,) float64, for each context row c (B, C_dec, h, w):
+        log Ẑ_k(c) = logmeanexp over n_samples draws z_k ~ p(z_k | c) of log r_k, and its Monte Carlo variance by the
+        delta method, Var[Ẑ]/Ẑ² = s²_r / (n·r̄²) = (mean r² / r̄² − 1)/(n − 1) with s²_r the unbiased variance of
+        the draws (NaN for n = 1). E[log Ẑ] ≈ log Z − Var[log Ẑ]/2 (Jensen), so log Ẑ is biased low by O(1/n)."""
         prior = self.vae.group_prior(k, context)
         clf = self.classifiers[k]
         features = clf.embed_context(context)
         b = context.shape[0]
         per_pass = max(1, _SCORE_ROWS // b)
-        total = torch.full((b,), -math.inf, device=context.device)
+        lse1 = torch.full((b,), -math.inf, device=context.device, dtype=torch.float64)
+        lse2 = torch.full_like(lse1, -math.inf)
         for size in _chunk_sizes(n_samples, per_pass):
             eps = torch.randn(b, size, *prior.mu.shape[1:], device=context.device)
             z = (prior.mu.unsqueeze(1) + prior.sigma.unsqueeze(1) * eps).flatten(0, 1)  # (B·size, C_z, h, w)
-            logits = clf.score(z, features.repeat_interleave(size, dim=0)).float().view(b, size)
-            total = torch.logaddexp(total, torch.logsumexp(logits, dim=1))
-        return total - math.log(n_samples)
+            logits = clf.score(z, features.repeat_interleave(size, dim=0)).double().view(b, size)
+            lse1 = torch.logaddexp(lse1, torch.logsumexp(logits, dim=1))
+            lse2 = torch.logaddexp(lse2, torch.logsumexp(2.0 * logits, dim=1))
+        log_z = lse1 - math.log(n_samples)
+        if n_samples < 2:
+            return log_z, torch.full_like(log_z, math.nan)
+        ratio = torch.exp(lse2 - 2.0 * lse1 + math.log(n_samples))  # mean r² / r̄² >= 1
+        return log_z, (ratio - 1.0).clamp(min=0.0) / (n_samples - 1)
 
     @torch.no_grad()
     def log_z_estimate(self, k: int, n_samples: int | None = None, n_contexts: int = 16) -> float:
@@ -515,7 +531,7 @@ class NCPVAE(nn.Module):
         else:
             steps, _ = self.vae.prior_path(self.vae.standard_eps(n_contexts))
             context = steps[k].context
-        return self._log_z(k, context, n_samples).mean().item()
+        return self.log_normalizer(k, context, n_samples)[0].mean().item()
 
     @torch.no_grad()
     def ncp_gain(self, x_batches: Iterable, n_prior_samples: int | None = None) -> dict[str, Any]:
@@ -534,7 +550,7 @@ class NCPVAE(nn.Module):
             walk = _posterior_walk(self.vae, x.to(device), groups - 1)
             for k, (z, _, context) in enumerate(walk):
                 sum_r[k] += self.log_r(k, z, context).double().sum().item()
-                sum_z[k] += self._log_z(k, context, n_prior_samples).double().sum().item()
+                sum_z[k] += self.log_normalizer(k, context, n_prior_samples)[0].sum().item()
             count += x.shape[0]
         if count == 0:
             raise ValueError("ncp_gain: x_batches yielded no images")
@@ -542,6 +558,137 @@ class NCPVAE(nn.Module):
         e_z = [s / count for s in sum_z]
         gain = [r - z for r, z in zip(e_r, e_z)]
         return {"gain": gain, "e_q_log_r": e_r, "e_q_log_z": e_z, "total": sum(gain), "examples": count}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The likelihood under the NCP prior.
+
+    def _posterior_rows(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """NVAE's own log w = log p(x|z) + log p(z) − log q(z|x) for one z ~ q(z|x) per row, (R,) float64, and the
+        (z_k, c_k) of every group on that path: the latents and decoder contexts it fed to `group_absorb`, recorded
+        there, so the prior correction is scored on exactly the z the base weight used."""
+        vae, calls = self.vae, []
+        absorb = vae.group_absorb
+
+        def record(k: int, context: Tensor, z: Tensor) -> Tensor:
+            calls.append((k, context, z))
+            return absorb(k, context, z)
+
+        vae.group_absorb = record  # an instance attribute shadows the method for this one pass
+        try:
+            base = vae.log_weights(x)
+        finally:
+            del vae.group_absorb
+        if [k for k, _, _ in calls] != list(range(self.num_groups)):
+            raise RuntimeError(
+                f"NCPVAE: the VAE's log_weights absorbed groups {[k for k, _, _ in calls]}, expected each of "
+                f"0..{self.num_groups - 1} once along one posterior path; this VAE does not follow NVAE's top-down hooks"
+            )
+        return base.double(), [(z, context) for _, context, z in calls]
+
+    def _top_normalizer(self, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(context, log Ẑ_0, Var[log Ẑ_0]) of the top group, whose context is the decoder's learned constant."""
+        context = self.vae.group_context(0, self.vae.top_state(1))
+        log_z, var = self.log_normalizer(0, context, n_samples)
+        return context, log_z[0], var[0]
+
+    def _ncp_rows(self, x: Tensor, n_samples: int, top: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(base log w, Σ_k (log r_k − log Ẑ_k), Σ_k≥1 Var[log Ẑ_k] with the top group's Ẑ from `top` wherever the
+        row's top context is the shared constant), each (R,) float64."""
+        base, walk = self._posterior_rows(x)
+        correction, var = torch.zeros_like(base), torch.zeros_like(base)
+        for k, (z, context) in enumerate(walk):
+            correction += self.log_r(k, z, context).double()
+            if k == 0 and torch.equal(context, top[0].expand_as(context)):
+                correction -= top[1]
+            else:
+                log_z, v = self.log_normalizer(k, context, n_samples)
+                correction -= log_z
+                var += v
+        if not (torch.isfinite(base).all() and torch.isfinite(correction).all()):
+            raise RuntimeError("NCPVAE: non-finite importance weights (check the VAE and classifiers for NaN weights)")
+        return base, correction, var
+
+    @torch.no_grad()
+    def log_weights(self, x: Tensor, n_samples: int | None = None) -> Tensor:
+        """(B,) log p(x|z) + log p_NCP(z) − log q(z|x) for one z ~ q(z|x), where
+        log p_NCP(z) = log p(z) + Σ_k (log r_k(z_k, c_k) − log Ẑ_k(c_k)) and each Ẑ_k comes from n_samples prior
+        draws at the row's context (None: cfg.log_z_samples; the top group's shared Ẑ_0 from 64× as many). With
+        `vae.metrics.importance_weighted_nll` this is the NCP model's bound; `importance_weighted_nll` here also
+        states the Monte Carlo error of the Ẑ's."""
+        n_samples = self.cfg.log_z_samples if n_samples is None else int(n_samples)
+        base, correction, _ = self._ncp_rows(x.to(_device(self.vae)), n_samples, self._top_normalizer(64 * n_samples))
+        return base + correction
+
+    @torch.no_grad()
+    def importance_weighted_nll(
+        self,
+        batches: Iterable,
+        k: int = 100,
+        n_samples: int | None = None,
+        top_samples: int | None = None,
+        rows_per_pass: int = 1024,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, float]:
+        """−log p_NCP(x), nats per example averaged over every x of `batches`, by importance sampling with K draws
+        z_i ~ q(z|x) of the frozen encoder:
+            log p̂_NCP(x) = logmeanexp_i [log w_i + Σ_k (log r_k(z_ik, c_ik) − log Ẑ_k(c_ik))],
+        log w_i NVAE's own importance weight and c_ik the decoder context of group k given z_i,<k. Ẑ_k (k ≥ 1) from
+        n_samples fresh prior draws at every (draw, group) (None: cfg.log_z_samples); the top group's Ẑ_0, whose
+        context is a constant, once from top_samples draws (None: 64·n_samples). The base NVAE's IW-NLL is computed on
+        the same draws, so "gain" = base − NCP is a paired difference (> 0: the NCP prior explains the data better).
+
+        Monte Carlo error of the Ẑ's, by the delta method (∂ log p̂(x)/∂ log Ẑ_ik = −π_i, the normalised NCP weights;
+        independent draws per (x, i, k ≥ 1), one shared Ẑ_0):
+            mc_se² = Var[log Ẑ_0] + N⁻² Σ_x Σ_i π_xi² Σ_k≥1 Var[log Ẑ_xik],
+        and the plug-in's Jensen bias, mc_bias ≈ Var[log Ẑ_0]/2 + N⁻¹ Σ_x Σ_i π_xi Σ_k≥1 Var[log Ẑ_xik]/2: the NLL
+        estimate is too low by about mc_bias. Neither includes the IW bound's own gap (shrinking with K) or the
+        spread over examples.
+
+        batches: images (N, C, H, W) in [0, 1], or batches of them or of (images, labels) pairs; each pass scores about rows_per_pass
+        rows; progress(draws done) after each pass (N·K draws in all). Returns {"nll", "base_nll", "gain", "mc_se",
+        "mc_bias", "log_z_top", "log_z_top_se", "k", "z_samples", "top_samples", "examples"}.
+        """
+        n_samples = self.cfg.log_z_samples if n_samples is None else int(n_samples)
+        top_samples = 64 * n_samples if top_samples is None else int(top_samples)
+        if k < 1 or n_samples < 2 or top_samples < 2 or rows_per_pass < 1:
+            raise ValueError(
+                f"importance_weighted_nll: k={k} must be >= 1, n_samples={n_samples} and top_samples={top_samples} "
+                f">= 2 (a Monte Carlo error needs two draws), rows_per_pass={rows_per_pass} >= 1"
+            )
+        device = _device(self.vae)
+        if torch.is_tensor(batches):
+            batches = [batches]
+        top = self._top_normalizer(top_samples)
+        nll_sum, base_sum, var_sum, bias_sum, count, done = 0.0, 0.0, 0.0, 0.0, 0, 0
+        for x in _image_chunks(batches, rows_per_pass):
+            x, b = x.to(device), x.shape[0]
+            copies_per_pass = max(1, rows_per_pass // b)
+            base_w, ncp_w, var_w = [], [], []
+            for start in range(0, k, copies_per_pass):
+                copies = min(copies_per_pass, k - start)
+                base, correction, var = self._ncp_rows(x.repeat(copies, 1, 1, 1), n_samples, top)
+                base_w.append(base.view(copies, b))  # copy c is rows c·B .. c·B + B − 1
+                ncp_w.append((base + correction).view(copies, b))
+                var_w.append(var.view(copies, b))
+                done += copies * b
+                if progress is not None:
+                    progress(done)
+            base_w, ncp_w, var_w = torch.cat(base_w), torch.cat(ncp_w), torch.cat(var_w)  # (K, B)
+            weights = torch.softmax(ncp_w, dim=0)
+            nll_sum -= (torch.logsumexp(ncp_w, dim=0) - math.log(k)).sum().item()
+            base_sum -= (torch.logsumexp(base_w, dim=0) - math.log(k)).sum().item()
+            var_sum += (weights.pow(2) * var_w).sum().item()
+            bias_sum += 0.5 * (weights * var_w).sum().item()
+            count += b
+        if count == 0:
+            raise ValueError("importance_weighted_nll: batches yielded no images")
+        var0 = top[2].item()
+        return {
+            "nll": nll_sum / count, "base_nll": base_sum / count, "gain": (base_sum - nll_sum) / count,
+            "mc_se": math.sqrt(var0 + var_sum / count**2), "mc_bias": 0.5 * var0 + bias_sum / count,
+            "log_z_top": top[1].item(), "log_z_top_se": math.sqrt(var0), "k": k, "z_samples": n_samples,
+            "top_samples": top_samples, "examples": count,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
-"""Offline sample-quality scores with an in-project feature extractor: no downloaded weights, any image size.
+"""Sample-quality scores: an in-project feature space (no downloaded weights, any image size), and Inception FID/KID
+when the user supplies the Inception weights.
 
-The Fréchet Inception Distance (Heusel et al., NeurIPS 2017) and improved precision/recall (Kynkäänniemi et al.,
-NeurIPS 2019) need features in which real images cluster. Inception weights are a download and their 299×299
-ImageNet features say little about 16×16 digits, so we train a small CNN on the dataset itself and use its
-penultimate layer:
-  FID  d² = ‖μ_r − μ_f‖² + Tr(Σ_r + Σ_f − 2(Σ_r Σ_f)^{1/2}) between Gaussian fits of the features (`vae.metrics`);
+In-project scores. The Fréchet Inception Distance (Heusel et al., NeurIPS 2017) and improved precision/recall
+(Kynkäänniemi et al., NeurIPS 2019) need features in which real images cluster. Inception weights are a download and
+their 299×299 ImageNet features say little about 16×16 digits, so we train a small CNN on the dataset itself and use
+its penultimate layer:
+  fd_vaepipe  d² = ‖μ_r − μ_f‖² + Tr(Σ_r + Σ_f − 2(Σ_r Σ_f)^{1/2}) between Gaussian fits of these features
+              (`vae.metrics.frechet_distance`). It is a Fréchet distance in vaepipe's own feature space, NOT FID:
+              its values are not comparable with any published FID;
   precision = share of fake features inside the union of real k-NN balls, recall the converse (`vae.metrics`);
   mean_max_prob = mean over fake images of max_c softmax(logits)_c, the classifier's confidence (a cheap proxy of
   the Inception Score's "each sample looks like one class").
-Scores are only comparable between runs that share the same trained extractor (its seed, data and architecture).
+Scores are only comparable between runs that share the same trained extractor (its seed, data and recipe): save it
+with `SampleQuality.state()` and rebuild it with `SampleQuality.from_state` instead of training it again.
 
 A plain classifier maps every input onto some class region, so structureless images land inside the real k-NN
 manifold: on digits 16×16, uniform noise scored precision 0.85 in such features. The CNN therefore learns one extra
@@ -21,19 +25,36 @@ Label-free data: the fallback trains the same CNN on rotation prediction (RotNet
 the orientation cues of the data's strokes and parts, so the features are data-specific and degrade on noise or blur,
 whereas random-projection features weigh every pixel direction alike and barely separate blur from structure.
 mean_max_prob is then the confidence in the rotation of the images as given (high for upright data).
+
+Inception FID and KID (`InceptionScores`): the 2048-d pool features of the Inception-v3 port that torch-fidelity
+maintains (the TensorFlow FID graph, bit-exact resizing), the Fréchet distance of their Gaussian fits (FID) and the
+kernel inception distance (Bińkowski et al., ICLR 2018: unbiased MMD² with the cubic polynomial kernel, averaged over
+random subsets). Both by torch-fidelity's own functions. The weights file is never downloaded here: the caller
+passes its path, and a missing file is an error naming the file and where it comes from. Published FIDs use 50k
+samples against the training set; fewer samples bias FID upwards, so state the count with the figure.
 """
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vae.metrics import fid_from_features, precision_recall
+from vae.metrics import frechet_distance, precision_recall
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
+# Bumped whenever FeatureCNN or its training changes: an extractor saved under another version is a different feature
+# space, and a cache keyed by data must not hand it out.
+EXTRACTOR_VERSION = 2
+# The training recipe of `SampleQuality.fit` when the caller passes none; part of an extractor's identity.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "epochs": 15, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "width": 32, "feature_dim": 64,
+    "val_fraction": 0.1, "seed": 0,
+}
 
 
 class FeatureCNN(nn.Module):
@@ -111,13 +132,16 @@ def train_feature_classifier(
     feature_dim: int = 64,
     val_fraction: float = 0.1,
     seed: int = 0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[FeatureCNN, dict[str, Any]]:
     """Train a FeatureCNN on images (N, C, H, W) in [0, 1] (on their device) with class labels (N,), or, with
     labels=None, on rotation prediction; every batch also holds its pixel-shuffled copies as the structureless class.
     AdamW with a cosine-decayed learning rate; seeded by `seed` without touching the global RNG.
 
     Returns the model (eval mode) and its history: per epoch "train_loss" and "val_accuracy" (data classes only) on a
-    held-out `val_fraction` of the images, and "task" ("labels" or "rotation").
+    held-out `val_fraction` of the images, and "task" ("labels" or "rotation"). After each epoch
+    `progress({"epoch", "epochs", "train_loss", "val_accuracy", "seconds"})` hears how far it got (`seconds` since the
+    start), so a caller can show an ETA.
     """
     _check_images("images", images)
     n = images.shape[0]
@@ -149,6 +173,7 @@ def train_feature_classifier(
     order = torch.randperm(n, generator=generator)
     val_idx, train_idx = order[:n_val], order[n_val:]
     history: dict[str, Any] = {"epoch": [], "train_loss": [], "val_accuracy": []}
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model = FeatureCNN(images.shape[1:], num_classes, width, feature_dim).to(device)
@@ -180,6 +205,9 @@ def train_feature_classifier(
             history["train_loss"].append(total / max(count, 1))
             val_labels = None if labels is None else labels[val_idx]
             history["val_accuracy"].append(_accuracy(model, images[val_idx], val_labels))
+            if progress is not None:
+                progress({"epoch": epoch + 1, "epochs": epochs, "train_loss": history["train_loss"][-1],
+                          "val_accuracy": history["val_accuracy"][-1], "seconds": time.perf_counter() - started})
     model.eval()
     history["task"] = "rotation" if labels is None else "labels"
     return model, history
@@ -212,13 +240,50 @@ class SampleQuality(nn.Module):
         self.classifier.requires_grad_(False)
         self.task = task
         self.history: dict[str, Any] = {}  # the training history when built by `fit`
+        self.recipe: dict[str, Any] = {}  # the training arguments when built by `fit`
 
     @classmethod
-    def fit(cls, images: Tensor, labels: Tensor | None = None, **train_kwargs: Any) -> "SampleQuality":
-        """Train the extractor on `images` (with labels, or on rotations without) and wrap it."""
-        classifier, history = train_feature_classifier(images, labels, **train_kwargs)
+    def fit(
+        cls,
+        images: Tensor,
+        labels: Tensor | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        **recipe: Any,
+    ) -> "SampleQuality":
+        """Train the extractor on `images` (with labels, or on rotations without) and wrap it. `recipe` overrides
+        DEFAULT_RECIPE (the keyword arguments of `train_feature_classifier`); `progress` hears every epoch."""
+        unknown = sorted(set(recipe) - set(DEFAULT_RECIPE))
+        if unknown:
+            raise ValueError(f"SampleQuality.fit: unknown recipe keys {unknown}; known: {sorted(DEFAULT_RECIPE)}")
+        recipe = {**DEFAULT_RECIPE, **recipe}
+        classifier, history = train_feature_classifier(images, labels, progress=progress, **recipe)
         quality = cls(classifier, history["task"])
-        quality.history = history
+        quality.history, quality.recipe = history, recipe
+        return quality
+
+    def state(self) -> dict[str, Any]:
+        """Everything that defines this feature space, as plain tensors and numbers (torch.save it; it loads back
+        with `torch.load(..., weights_only=True)` and `from_state`)."""
+        clf = self.classifier
+        return {
+            "version": EXTRACTOR_VERSION, "task": self.task, "image_shape": list(clf.image_shape),
+            "num_classes": clf.num_classes, "width": clf.body[0].out_channels,
+            "feature_dim": clf.feature[0].out_features, "recipe": dict(self.recipe), "history": dict(self.history),
+            "state_dict": {k: v.detach().cpu() for k, v in clf.state_dict().items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "SampleQuality":
+        """The extractor saved by `state()`; refuses one saved by another version of this module."""
+        if state.get("version") != EXTRACTOR_VERSION:
+            raise ValueError(
+                f"SampleQuality.from_state: the saved extractor is version {state.get('version')}, this code builds "
+                f"version {EXTRACTOR_VERSION} (a different feature space); train a new one with SampleQuality.fit"
+            )
+        clf = FeatureCNN(tuple(state["image_shape"]), state["num_classes"], state["width"], state["feature_dim"])
+        clf.load_state_dict(state["state_dict"])
+        quality = cls(clf, state["task"])
+        quality.history, quality.recipe = dict(state.get("history", {})), dict(state.get("recipe", {}))
         return quality
 
     def train(self, mode: bool = True) -> "SampleQuality":
@@ -247,18 +312,116 @@ class SampleQuality(nn.Module):
         return self._outputs(images, batch_size)[1]
 
     def score(self, real: Tensor, fake: Tensor, k: int = 3) -> dict[str, float]:
-        """{"fid", "precision", "recall", "mean_max_prob"} of `fake` against `real`, both (N, C, H, W) in [0, 1].
+        """{"fd_vaepipe", "precision", "recall", "mean_max_prob"} of `fake` against `real`, both (N, C, H, W) in
+        [0, 1].
 
-        FID and the k-NN precision/recall use the features; mean_max_prob is the mean over the fake images of the top
+        fd_vaepipe (the Fréchet distance in these features, not FID) and the k-NN precision/recall use the features; mean_max_prob is the mean over the fake images of the top
         softmax among the data classes (mass on "structureless" counts against it).
-        Both sets need more than k images (and FID's covariances are noisy below a few hundred).
+        Both sets need more than k images (and the covariances are noisy below a few hundred).
         """
         f_real = self.features(real)
         f_fake, p_fake = self._outputs(fake, 512)
         precision, recall = precision_recall(f_real, f_fake, k=k)
         return {
-            "fid": fid_from_features(f_real, f_fake),
+            "fd_vaepipe": frechet_distance(f_real, f_fake),
             "precision": precision,
             "recall": recall,
             "mean_max_prob": p_fake[:, :-1].max(dim=1).values.mean().item(),
         }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception FID and KID, through torch-fidelity, from a weights file the user supplies.
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+)
+_INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's registered name of the FID network
+_POOL = "2048"  # the pool features FID and KID are defined on
+
+
+def inception_weights_help(where: str = "") -> str:
+    """How to obtain the weights file; `where` names the setting that takes its path."""
+    take = where or "the path of that file"
+    return (
+        f"Inception FID/KID needs torch-fidelity's Inception-v3 weights, the file {INCEPTION_WEIGHTS_FILE} (the "
+        f"TensorFlow FID network converted to PyTorch; {INCEPTION_WEIGHTS_URL}). vaepipe never downloads it: fetch it "
+        f"once where there is network access, copy it next to your runs (e.g. runs/weights/{INCEPTION_WEIGHTS_FILE}) "
+        f"or log it as an MLflow artifact, and pass {take}"
+    )
+
+
+def _torch_fidelity():
+    try:
+        import torch_fidelity  # noqa: F401
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+    except ImportError as e:
+        raise ImportError(
+            f"Inception FID/KID needs the torch-fidelity package ({e}); install it with `pip install torch-fidelity`"
+        ) from None
+    return FeatureExtractorInceptionV3, fid_features_to_statistics, fid_statistics_to_metric, kid_features_to_metric
+
+
+class InceptionScores:
+    """FID and KID of image sets in Inception-v3 pool features, computed by torch-fidelity.
+
+    `weights_path` is a local file of torch-fidelity's Inception-v3 state dict (INCEPTION_WEIGHTS_FILE); it is loaded
+    strictly, so a file of another architecture is refused. Images are (N, C, H, W) floats in [0, 1] with 1 or 3
+    channels; they are quantised to uint8 as an image file would be, grey images repeated to RGB, and resized to
+    299×299 inside the network.
+    """
+
+    def __init__(self, weights_path: str, device: str | torch.device = "cpu", batch_size: int = 64,
+                 where: str = "") -> None:
+        import os
+
+        extractor_cls, self._fid_stats, self._fid_metric, self._kid_metric = _torch_fidelity()
+        path = os.fspath(weights_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no Inception weights at {path!r}. {inception_weights_help(where)}")
+        try:
+            self.extractor = extractor_cls(_INCEPTION_NAME, [_POOL], feature_extractor_weights_path=path)
+        except RuntimeError as e:  # load_state_dict(strict=True): keys or shapes of another network
+            raise ValueError(
+                f"{path!r} is not torch-fidelity's Inception-v3 state dict ({str(e).splitlines()[0][:160]}). "
+                f"{inception_weights_help(where)}"
+            ) from None
+        self.device = torch.device(device)
+        self.extractor.to(self.device)
+        self.batch_size = int(batch_size)
+
+    @torch.no_grad()
+    def features(self, images: Tensor, progress: Callable[[int, int], None] | None = None) -> Tensor:
+        """(N, 2048) float32 on the CPU; `progress(done, total)` hears every batch (299×299 passes are slow on a CPU)."""
+        _check_images("images", images)
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"images: Inception reads grey or RGB images, got {images.shape[1]} channels")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = images[start:start + self.batch_size]
+            x = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            out.append(self.extractor(x.to(self.device))[0].float().cpu())
+            if progress is not None:
+                progress(min(start + self.batch_size, len(images)), len(images))
+        return torch.cat(out)
+
+    def score_features(self, real: Tensor, fake: Tensor, kid_subsets: int = 100, seed: int = 0) -> dict[str, float]:
+        """{"fid", "kid", "kid_std"} from pool features (N_r, 2048), (N_f, 2048). KID averages `kid_subsets` random
+        subsets of min(1000, N_r, N_f) rows each (torch-fidelity's defaults; fewer rows with small sets)."""
+        if len(real) < 2 or len(fake) < 2:
+            raise ValueError(f"FID/KID need >= 2 images per set, got {len(real)} and {len(fake)}")
+        fid = self._fid_metric(self._fid_stats(real.double()), self._fid_stats(fake.double()), False)
+        kid = self._kid_metric(real, fake, kid_subsets=kid_subsets, kid_subset_size=min(1000, len(real), len(fake)),
+                               verbose=False, rng_seed=seed)
+        return {"fid": max(float(fid["frechet_inception_distance"]), 0.0),
+                "kid": float(kid["kernel_inception_distance_mean"]),
+                "kid_std": float(kid["kernel_inception_distance_std"])}
+
+    def score(self, real: Tensor, fake: Tensor) -> dict[str, float]:
+        """{"fid", "kid", "kid_std"} of `fake` against `real`, both (N, C, H, W) in [0, 1]."""
+        return self.score_features(self.features(real), self.features(fake))

@@ -1,4 +1,6 @@
-"""Stage ncp end to end: a tiny NVAE trained here on digits, then one classifier per group in parallel Ray tasks."""
+"""Stage ncp end to end: a tiny NVAE trained here on digits, then one classifier per group in parallel Ray tasks; and
+the sample-quality services it shares with `vaepipe evaluate` (the feature extractor kept in MLflow, Inception weights
+from a path or an artifact) on a real MLflow store."""
 from __future__ import annotations
 
 import os
@@ -54,7 +56,9 @@ def test_ncp_stage_trains_groups_in_parallel_and_registers_a_sampling_model(ray_
     assert run.data.tags["vaepipe.source_model"] == trained.model_uri
     assert run.data.tags["vaepipe.vae_fingerprint"] == vae_before  # frozen: bit-identical
     for method in ("base", "sir", "langevin"):
-        assert f"eval/fid_{method}" in m
+        assert f"val/fd_vaepipe_{method}" in m
+    assert not any("fid" in key for key in m)  # no Inception weights configured: no FID, and nothing called so
+    assert run.data.tags["vaepipe.feature_extractor_run"]
     assert {a.path for a in client.list_artifacts(result.run_id, "classifiers")} == {
         f"classifiers/group_{k:02d}.pt" for k in range(groups)}
     assert any("samples_base_sir_langevin" in a.path for a in client.list_artifacts(result.run_id, "pictures"))
@@ -81,3 +85,53 @@ def test_missing_model_lists_what_is_registered(digits16, mlflow_store, tmp_path
     cfg = make_cfg(digits16, mlflow_store, tmp_path)
     with pytest.raises(ConfigError, match=r"cannot load 'models:/nothing-nvae@candidate'.*registered models: none"):
         run_ncp(cfg, model_uri="models:/nothing-nvae@candidate")
+
+
+def test_feature_extractor_is_trained_once_per_dataset_logged_and_reused(digits16, mlflow_store, capsys):
+    import torch
+
+    from pipelines.data import read_manifest
+    from pipelines.sample_quality import EXPERIMENT, feature_extractor
+    from pipelines.tracking import Tracker
+
+    torch.set_num_threads(1)
+    tracker = Tracker.connect(mlflow_store)
+    recipe = {"epochs": 2, "width": 8}
+    first, run_id = feature_extractor(tracker, digits16, recipe)
+    assert "training one" in capsys.readouterr().out
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["vaepipe.stage"] == "feature_extractor"
+    assert run.data.tags["vaepipe.dataset_sha256"] == read_manifest(digits16).sha256
+    assert tracker.client.get_experiment(run.info.experiment_id).name == f"vaepipe/{EXPERIMENT}"
+    assert [a.path for a in tracker.client.list_artifacts(run_id, "extractor")] == ["extractor/sample_quality.pt"]
+
+    again, same_id = feature_extractor(Tracker.connect(mlflow_store), digits16, recipe)
+    out = capsys.readouterr().out
+    assert same_id == run_id and "reusing" in out and "training" not in out
+    x = torch.rand(8, 1, 16, 16)
+    assert torch.equal(again.features(x), first.features(x)) and again.recipe == first.recipe
+
+    _, other_id = feature_extractor(tracker, digits16, {"epochs": 1, "width": 8})  # another recipe: another space
+    assert other_id != run_id
+
+
+def test_inception_weights_come_from_a_path_or_an_artifact_and_are_never_downloaded(mlflow_store, tmp_path):
+    from pipelines.sample_quality import inception_weights_path
+    from pipelines.tracking import Tracker
+    from vae.quality import INCEPTION_WEIGHTS_FILE
+
+    tracker = Tracker.connect(mlflow_store)
+    with pytest.raises(ConfigError, match=f"no Inception weights at .*{INCEPTION_WEIGHTS_FILE}.*--inception-weights"):
+        inception_weights_path(tracker, str(tmp_path / "missing.pth"), "--inception-weights")
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    weights.write_bytes(b"not really weights")
+    assert inception_weights_path(tracker, str(weights), "--inception-weights") == str(weights)
+    run_id = tracker.client.create_run(tracker.experiment_id("weights")).info.run_id
+    tracker.log_artifact(run_id, weights, artifact_path="inception")
+    tracker.end_run(run_id)
+    local = inception_weights_path(tracker, f"runs:/{run_id}/inception/{INCEPTION_WEIGHTS_FILE}", "x")
+    assert Path(local).read_bytes() == b"not really weights"
+    local = inception_weights_path(tracker, f"runs:/{run_id}/inception", "x")  # the folder holding it
+    assert Path(local).name == INCEPTION_WEIGHTS_FILE
+    with pytest.raises(ConfigError, match="cannot download"):
+        inception_weights_path(tracker, f"runs:/{run_id}/nothing/here.pth", "ncp.inception_weights")

@@ -312,6 +312,117 @@ def test_constant_ratio_sir_on_the_nvae_matches_base_samples(untrained_nvae):
         assert ks_2samp((base[k].flatten(1) @ ones).numpy(), (shifted[k].flatten(1) @ ones).numpy()).pvalue < 1e-6
 
 
+# The likelihood under the NCP prior and its normalisers (untrained NVAE, default DML decoder, fast).
+
+
+@pytest.fixture(scope="module")
+def dml_nvae() -> NVAE:
+    torch.manual_seed(16)
+    return NVAE(NVAEConfig.preset("tiny")).eval()
+
+
+def _linear(vae: NVAE, scale: float) -> list[Ratio]:
+    """log r_k = a_k·z_k with a fixed random direction a_k per group, |a_k| = scale."""
+    out = []
+    for k, (shape, c) in enumerate(zip(vae.latent_shapes, context_channels(vae))):
+        a = torch.randn(math.prod(shape), generator=torch.Generator().manual_seed(100 + k))
+        a = scale * a / a.norm()
+        out.append(Ratio(shape, c, lambda z, ctx, a=a: z @ a))
+    return out
+
+
+def _closed_log_z(vae: NVAE, k: int, context: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """log E_{N(μ, σ²)}[exp(a·z)] = a·μ + ½ Σ a²σ², and the lognormal's Var[r]/E[r]² = exp(Σ a²σ²) − 1."""
+    prior = vae.group_prior(k, context)
+    mu, var = prior.mu.flatten(1).double(), prior.sigma.flatten(1).double() ** 2
+    s2 = (a.double() ** 2 * var).sum(1)
+    return mu @ a.double() + 0.5 * s2, torch.expm1(s2)
+
+
+def test_log_normalizer_matches_the_gaussian_closed_form_and_its_error_is_calibrated(dml_nvae):
+    vae = dml_nvae
+    ratios = _linear(vae, scale=0.8)
+    model = NCPVAE(vae, ratios, NCPConfig())
+    torch.manual_seed(17)
+    steps, _ = vae.prior_path(vae.standard_eps(4))
+    for k in range(vae.num_groups):
+        a = ratios[k].fn.__defaults__[0]
+        context = steps[k].context
+        exact, rel_var = _closed_log_z(vae, k, context, a)
+        m = 4000
+        log_z, var = model.log_normalizer(k, context, m)
+        se = var.sqrt()
+        assert (log_z - exact).abs().max() < 4 * se.max(), (k, log_z - exact, se)
+        # The delta-method variance against the lognormal's exact one, Var[log Ẑ] ≈ (e^{s²} − 1)/M.
+        assert torch.allclose(var, rel_var / m, rtol=0.25), (k, var, rel_var / m)
+    # Calibration: over 300 independent estimates with M = 40 the spread of log Ẑ matches the stated error.
+    context = steps[2].context[:1].expand(300, -1, -1, -1)
+    log_z, var = model.log_normalizer(2, context, 40)
+    assert log_z.std().item() == pytest.approx(var.sqrt().mean().item(), rel=0.2)
+    exact, _ = _closed_log_z(vae, 2, context[:1], ratios[2].fn.__defaults__[0])
+    # Jensen: E[log Ẑ] ≈ log Z − Var/2, below the truth, and the stated bias accounts for it.
+    bias = (log_z.mean() - exact[0]).item()
+    assert bias == pytest.approx(-0.5 * var.mean().item(), abs=4 * log_z.std().item() / 300**0.5)
+
+
+def test_zero_logit_classifiers_give_the_base_likelihood(dml_nvae):
+    """r ≡ const: p_NCP = p exactly, whatever M; the NCP figure must be the base one on the same draws."""
+    vae = dml_nvae
+    x = digits_16()[0][:6]
+    cfg = NCPConfig(classifier_channels=8)
+    zero_logit = [classifier_for(vae, k, cfg) for k in range(vae.num_groups)]
+    for clf in zero_logit:
+        nn.init.zeros_(clf.out.weight)
+        nn.init.zeros_(clf.out.bias)
+    constant = [Ratio(shape, c, lambda z, ctx: torch.full((len(z),), 1.7))
+                for shape, c in zip(vae.latent_shapes, context_channels(vae))]
+    for classifiers in (zero_logit, constant):
+        model = NCPVAE(vae, classifiers, cfg)
+        torch.manual_seed(18)
+        out = model.importance_weighted_nll([x[:4], x[4:]], k=12, n_samples=4, rows_per_pass=20)
+        assert out["nll"] == pytest.approx(out["base_nll"], abs=1e-9) and out["gain"] == pytest.approx(0, abs=1e-9)
+        assert out["mc_se"] < 1e-6 and out["examples"] == 6 and out["k"] == 12  # every draw scores alike
+    # The base figure is NVAE's own importance-weighted bound: the same draws give the same weights.
+    torch.manual_seed(19)
+    expected = vae.log_weights(x.repeat(3, 1, 1, 1)).double()
+    top = model._top_normalizer(8)
+    torch.manual_seed(19)
+    base, correction, var = model._ncp_rows(x.repeat(3, 1, 1, 1), 4, top)
+    assert torch.equal(base, expected) and correction.abs().max() < 1e-9
+
+
+def test_ncp_log_weight_scores_the_prior_correction_on_the_base_weights_draw(dml_nvae):
+    """log w_NCP − log w = Σ_k (a_k·z_k − log Ẑ_k(c_k)) on the z the base weight drew: checked against the same draw
+    from `encode_path` (the same RNG stream) and the closed-form log Z_k, within the stated Monte Carlo error."""
+    vae = dml_nvae
+    ratios = _linear(vae, scale=0.5)
+    model = NCPVAE(vae, ratios, NCPConfig())
+    x = digits_16()[0][10:15]
+    torch.manual_seed(20)
+    steps = vae.encode_path(x)
+    top = model._top_normalizer(20000)
+    torch.manual_seed(20)
+    base, correction, var = model._ncp_rows(x, 2000, top)
+    expected = torch.zeros(len(x), dtype=torch.float64)
+    for k, step in enumerate(steps):
+        a = ratios[k].fn.__defaults__[0]
+        log_z, _ = _closed_log_z(vae, k, step.context, a)
+        expected += step.z.flatten(1).double() @ a.double() - log_z
+    assert (correction - expected).abs().max() < 5 * (var.sqrt().max() + 1e-3), (correction - expected, var)
+    assert var.sqrt().max() < 0.1  # M = 2000 draws pin each log Ẑ_k down: the check above is tight
+    # A tilted prior changes the figure: it is not the base likelihood under another name.
+    torch.manual_seed(21)
+    out = NCPVAE(vae, _linear(vae, scale=2.0), NCPConfig()).importance_weighted_nll(x, k=8, n_samples=64)
+    assert abs(out["gain"]) > 10 * out["mc_se"] > 0
+    assert out["nll"] == pytest.approx(out["base_nll"] - out["gain"])
+
+
+def test_ncp_likelihood_refuses_a_single_normaliser_draw(dml_nvae):
+    model = NCPVAE(dml_nvae, _linear(dml_nvae, 0.5), NCPConfig())
+    with pytest.raises(ValueError, match="n_samples=1"):
+        model.importance_weighted_nll(digits_16()[0][:2], k=2, n_samples=1)
+
+
 def test_make_pairs_share_the_context_and_the_vae_must_be_frozen(untrained_nvae):
     vae = untrained_nvae
     x = torch.rand(8, 1, 16, 16)

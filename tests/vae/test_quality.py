@@ -1,5 +1,7 @@
 """vae.quality on scikit-learn's digits at 16×16: the in-project feature classifier learns the digits, and its scores
-order real, blurred, noise and mode-collapsed sample sets the way sample quality should be ordered."""
+order real, blurred, noise and mode-collapsed sample sets the way sample quality should be ordered; the extractor
+saves and loads back as the same feature space; Inception FID/KID run through torch-fidelity on a weights file of the
+right architecture (randomly initialised here: the real one is never downloaded)."""
 from __future__ import annotations
 
 import pickle
@@ -8,7 +10,14 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from vae.quality import FeatureCNN, SampleQuality, train_feature_classifier
+from vae.quality import (
+    EXTRACTOR_VERSION,
+    INCEPTION_WEIGHTS_FILE,
+    FeatureCNN,
+    InceptionScores,
+    SampleQuality,
+    train_feature_classifier,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,13 +76,14 @@ def test_classifier_learns_the_digits(labelled, digits):
     assert accuracy > 0.93  # chance is 0.1
 
 
-def test_fid_separates_real_from_noise_and_blur(labelled, sets):
+def test_frechet_distance_separates_real_from_noise_and_blur(labelled, sets):
     score = {name: labelled.score(sets["real"], sets[name]) for name in ("other", "noise", "blur", "zeros")}
-    fid = {name: s["fid"] for name, s in score.items()}
-    assert labelled.score(sets["real"], sets["real"])["fid"] == pytest.approx(0.0, abs=1e-6)
-    assert fid["other"] < fid["noise"] / 20
-    assert fid["other"] < fid["blur"] / 10
-    assert fid["other"] < fid["zeros"] / 20  # one class only is far from the data's mixture of ten
+    assert all("fid" not in key for key in score["other"])  # its own feature space: never called FID
+    fd = {name: s["fd_vaepipe"] for name, s in score.items()}
+    assert labelled.score(sets["real"], sets["real"])["fd_vaepipe"] == pytest.approx(0.0, abs=1e-6)
+    assert fd["other"] < fd["noise"] / 20
+    assert fd["other"] < fd["blur"] / 10
+    assert fd["other"] < fd["zeros"] / 20  # one class only is far from the data's mixture of ten
 
 
 def test_precision_recall_behave(labelled, sets):
@@ -102,7 +112,7 @@ def test_rotation_fallback_without_labels(digits, sets):
     real = quality.score(sets["real"], sets["other"])
     noise = quality.score(sets["real"], sets["noise"])
     blur = quality.score(sets["real"], sets["blur"])
-    assert real["fid"] < noise["fid"] / 20 and real["fid"] < blur["fid"] / 5
+    assert real["fd_vaepipe"] < noise["fd_vaepipe"] / 20 and real["fd_vaepipe"] < blur["fd_vaepipe"] / 5
     assert noise["precision"] < 0.1 and real["precision"] > 0.8
     assert real["mean_max_prob"] > noise["mean_max_prob"] + 0.3
 
@@ -131,3 +141,70 @@ def test_bad_inputs_name_the_fix(labelled, digits):
         train_feature_classifier(x[:50], torch.zeros(50, dtype=torch.long))
     with pytest.raises(ValueError, match="task"):
         SampleQuality(FeatureCNN((1, 16, 16), 10), task="colour")
+
+
+def test_state_round_trip_is_the_same_feature_space(labelled, sets, tmp_path):
+    path = tmp_path / "extractor.pt"
+    torch.save(labelled.state(), path)
+    state = torch.load(path, weights_only=True)  # plain tensors and numbers: no pickled code
+    clone = SampleQuality.from_state(state)
+    assert clone.task == labelled.task and clone.recipe == labelled.recipe and clone.recipe["width"] == 16
+    assert torch.equal(clone.features(sets["noise"]), labelled.features(sets["noise"]))
+    assert clone.score(sets["real"], sets["blur"]) == labelled.score(sets["real"], sets["blur"])
+    with pytest.raises(ValueError, match=f"version {EXTRACTOR_VERSION - 1}.*train a new one"):
+        SampleQuality.from_state({**state, "version": EXTRACTOR_VERSION - 1})
+    with pytest.raises(ValueError, match="unknown recipe keys \\['epoch'\\]"):
+        SampleQuality.fit(sets["real"], None, epoch=3)
+
+
+def test_training_reports_progress_every_epoch(digits):
+    (x, y), _ = digits
+    seen = []
+    train_feature_classifier(x[:200], y[:200], epochs=3, width=8, progress=seen.append)
+    assert [p["epoch"] for p in seen] == [1, 2, 3] and all(p["epochs"] == 3 for p in seen)
+    assert all(0.0 <= p["val_accuracy"] <= 1.0 and p["seconds"] > 0 for p in seen)
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random (He-initialised) weights, saved like the real checkpoint."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the random initialisation
+
+    d = tmp_path_factory.mktemp("inception")
+    torch.save({}, d / "empty.pt")
+    torch.manual_seed(0)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(d / "empty.pt"))
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # activations keep their scale
+    path = d / INCEPTION_WEIGHTS_FILE
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_fid_and_kid_through_torch_fidelity(random_inception, sets):
+    """299×299 passes cost about 0.3 s per image on one CPU core: 12 images per set."""
+    scorer = InceptionScores(str(random_inception), batch_size=8)
+    done = []
+    real = scorer.features(sets["real"][:12], progress=lambda d, t: done.append((d, t)))
+    assert real.shape == (12, 2048) and done == [(8, 12), (12, 12)]
+    other = scorer.features(sets["other"][:12])
+    noise = scorer.features(sets["noise"][:12])
+    itself = scorer.score_features(real, real)
+    assert itself["fid"] == pytest.approx(0.0, abs=1e-6)
+    to_real, to_noise = scorer.score_features(real, other), scorer.score_features(real, noise)
+    assert to_noise["fid"] > 5 * to_real["fid"] > 0
+    assert abs(itself["kid"]) < to_noise["kid"] / 3 and to_noise["kid"] > to_real["kid"]
+
+
+def test_inception_weights_missing_or_of_another_network_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{INCEPTION_WEIGHTS_FILE}.*never downloads"):
+        InceptionScores(str(tmp_path / "nothing.pth"))
+    wrong = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(ValueError, match=f"not torch-fidelity's Inception-v3 state dict.*{INCEPTION_WEIGHTS_FILE}"):
+        InceptionScores(str(wrong))

@@ -1,0 +1,211 @@
+"""Sample-quality services shared by `vaepipe evaluate` and the ncp stage: the in-project feature extractor, trained
+once per dataset and kept in MLflow, Inception weights from a path or an MLflow artifact, and progress lines with an
+ETA for the long evaluation passes.
+
+The extractor (`vae.quality.SampleQuality`) defines the feature space of `fd_vaepipe`, so every score must come from
+the same one. It lives in the MLflow experiment `vaepipe/feature-extractors`, one FINISHED run per dataset content and
+recipe, tagged `vaepipe.dataset_sha256` (the manifest's content digest) and `vaepipe.extractor_key` (the recipe and the
+extractor code's version); the first caller trains and logs it, every later one downloads it. Scores name the run
+they were computed with (`vaepipe.feature_extractor_run`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae.config import ConfigError
+
+EXPERIMENT = "feature-extractors"
+STAGE = "feature_extractor"
+ARTIFACT_DIR = "extractor"
+ARTIFACT_FILE = "sample_quality.pt"
+
+
+class Ticker:
+    """Progress lines `[label] done/total unit  elapsed  eta` at most every `every_s` seconds (and at the end)."""
+
+    def __init__(self, label: str, total: int, unit: str = "", every_s: float = 10.0) -> None:
+        self.label, self.total, self.unit, self.every_s = label, max(1, int(total)), unit, every_s
+        self.t0 = time.perf_counter()
+        self.last = -math.inf
+
+    def __call__(self, done: int, extra: str = "") -> None:
+        from pipelines.common import format_eta
+
+        now = time.perf_counter()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        eta = format_eta(elapsed / done * (self.total - done)) if done > 0 else "?"
+        unit = f" {self.unit}" if self.unit else ""
+        print(f"[{self.label}] {done}/{self.total}{unit}  {format_eta(elapsed)} elapsed  eta {eta}"
+              + (f"  {extra}" if extra else ""), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- feature extractor
+
+
+def extractor_key(recipe: dict[str, Any] | None = None) -> str:
+    """16 hex digits naming the extractor's recipe and code version: a different key is a different feature space."""
+    from vae.quality import DEFAULT_RECIPE, EXTRACTOR_VERSION
+
+    content = {"version": EXTRACTOR_VERSION, "recipe": {**DEFAULT_RECIPE, **(recipe or {})}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_extractor_run(tracker, dataset_sha256: str, key: str):
+    """The newest FINISHED extractor run for this data content and recipe, or None."""
+    runs = tracker.find_runs(
+        EXPERIMENT, stage=STAGE, max_results=1,
+        filter_string=(f"tags.`vaepipe.dataset_sha256` = '{dataset_sha256}' and "
+                       f"tags.`vaepipe.extractor_key` = '{key}' and attributes.status = 'FINISHED'"),
+    )
+    return runs[0] if runs else None
+
+
+def feature_extractor(tracker, data_path: str, recipe: dict[str, Any] | None = None):
+    """(SampleQuality, run_id): the extractor of the dataset at `data_path`, downloaded from MLflow when one was
+    logged for the same content and recipe, else trained on its train split (labels when every image has one,
+    rotations otherwise), logged, and returned. Prints what it does, and an ETA while training."""
+    from pipelines.data import read_manifest
+    from vae.quality import SampleQuality
+
+    manifest = read_manifest(data_path)
+    sha, key = manifest.sha256, extractor_key(recipe)
+    run = find_extractor_run(tracker, sha, key)
+    if run is not None:
+        local = tracker.download_artifacts(run.info.run_id, f"{ARTIFACT_DIR}/{ARTIFACT_FILE}")
+        quality = SampleQuality.from_state(torch.load(local, map_location="cpu", weights_only=True))
+        acc = run.data.metrics.get("val_accuracy")
+        print(f"[quality] feature extractor of {manifest.name} (sha256 {sha[:12]}): reusing run {run.info.run_id}"
+              + (f" (held-out accuracy {acc:.3f})" if acc is not None else ""), flush=True)
+        return quality, run.info.run_id
+    return _train_and_log(tracker, data_path, manifest, key, recipe or {})
+
+
+def _train_and_log(tracker, data_path: str, manifest, key: str, recipe: dict[str, Any]):
+    from pipelines.common import ending_runs
+    from pipelines.data import load_split
+    from pipelines.tracking import dataset_tag, git_commit
+    from vae.quality import SampleQuality
+
+    train = load_split(data_path, "train")
+    labels = train["label"] if manifest.label_names and int(train["label"].min()) >= 0 else None
+    task = "labels" if labels is not None else "rotations"
+    tags = {"vaepipe.stage": STAGE, "vaepipe.dataset": dataset_tag(data_path),
+            "vaepipe.dataset_sha256": manifest.sha256, "vaepipe.extractor_key": key,
+            "vaepipe.git_commit": git_commit(), "vaepipe.source_model": "none"}
+    exp_id = tracker.experiment_id(EXPERIMENT)
+    run_id = tracker.client.create_run(exp_id, tags=tags, run_name=f"{manifest.name}-{manifest.sha256[:8]}").info.run_id
+    print(f"[quality] no feature extractor for {manifest.name} (sha256 {manifest.sha256[:12]}) yet: training one on "
+          f"{len(train['image'])} train images ({task}), once; MLflow run {run_id} in vaepipe/{EXPERIMENT}", flush=True)
+    with ending_runs(tracker, run_id):
+        epochs = {**_default_recipe(), **recipe}["epochs"]
+        ticker = Ticker("quality", epochs, "epochs", every_s=0.0)
+
+        def progress(info: dict[str, Any]) -> None:
+            ticker(info["epoch"], f"loss {info['train_loss']:.3f}  held-out accuracy {info['val_accuracy']:.3f}")
+            tracker.log_metrics(run_id, {"train_loss": info["train_loss"], "val_accuracy": info["val_accuracy"]},
+                                step=info["epoch"])
+
+        quality = SampleQuality.fit(train["image"], labels, progress=progress, **recipe)
+        tracker.log_params(run_id, {**{f"recipe.{k}": v for k, v in quality.recipe.items()}, "task": quality.task,
+                                    "train_images": len(train["image"])})
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / ARTIFACT_FILE
+            torch.save(quality.state(), path)
+            tracker.log_artifact(run_id, path, artifact_path=ARTIFACT_DIR)
+    return quality, run_id
+
+
+def _default_recipe() -> dict[str, Any]:
+    from vae.quality import DEFAULT_RECIPE
+
+    return dict(DEFAULT_RECIPE)
+
+
+# ---------------------------------------------------------------------------------------------- Inception weights
+
+
+def inception_weights_path(tracker, spec: str, where: str) -> str:
+    """A local file for the Inception weights named by `spec`: a local path (or file:// URI), or an MLflow artifact
+    URI (runs:/RUN_ID/PATH, mlflow-artifacts:/..., models:/..., s3://..., any URI MLflow can download). `where` is
+    the setting that holds `spec`, for the error messages."""
+    from vae.quality import INCEPTION_WEIGHTS_FILE, inception_weights_help
+
+    spec = spec.strip()
+    if spec.startswith("file://"):
+        spec = spec[len("file://"):]
+    if "://" not in spec and not spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        path = os.path.expanduser(spec)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{where}: no Inception weights at {path!r}. {inception_weights_help(where + ' PATH')}")
+        return path
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=tracker.tracking_uri)
+    except Exception as e:
+        raise ConfigError(f"{where}: cannot download {spec!r} from MLflow ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}). {inception_weights_help(where + ' URI')}") from None
+    if os.path.isdir(local):  # an artifact directory: the weights file inside it
+        inside = os.path.join(local, INCEPTION_WEIGHTS_FILE)
+        if not os.path.isfile(inside):
+            raise ConfigError(f"{where}: {spec!r} is a directory without {INCEPTION_WEIGHTS_FILE}; point at the file")
+        local = inside
+    return local
+
+
+def inception_scorer(tracker, spec: str, where: str):
+    """`vae.quality.InceptionScores` on the weights named by `spec`, on CUDA when there is one."""
+    from vae.quality import InceptionScores
+
+    path = inception_weights_path(tracker, spec, where)
+    try:
+        return InceptionScores(path, device="cuda" if torch.cuda.is_available() else "cpu", where=where + " PATH")
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def inception_features(scorer, images: torch.Tensor, label: str) -> torch.Tensor:
+    """Pool features with a progress line: Inception at 299×299 takes about 0.1-0.3 s per image on a CPU core."""
+    ticker = Ticker(label, len(images), "images")
+    return scorer.features(images, progress=lambda done, total: ticker(done))
+
+
+# ---------------------------------------------------------------------------------------------- scoring samples
+
+
+def sample_quality_metrics(tracker, data_path: str, real: torch.Tensor, sample_fn, methods, inception_weights,
+                           where: str, label: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Scores of `sample_fn(n, method)` (n = len(real) images in [0, 1]) for each method (None: the model's only
+    one) against `real`: `fd_vaepipe`, precision, recall, mean_max_prob in the dataset's cached extractor, and, when
+    `inception_weights` names a file or artifact, `inception_fid`, `inception_kid`, `inception_kid_std`; names carry
+    `_<method>`. Returns (metrics without a prefix, tags naming the feature extractor run)."""
+    quality, extractor_run = feature_extractor(tracker, data_path)
+    inception = inception_scorer(tracker, inception_weights, where) if inception_weights else None
+    n = len(real)
+    f_real = inception_features(inception, real, f"{label}: Inception, {n} real images") if inception else None
+    out: dict[str, float] = {}
+    for method in methods:
+        suffix = f"_{method}" if method else ""
+        print(f"[{label}] sampling {n} images" + (f" by {method}" if method else ""), flush=True)
+        fake = sample_fn(n, method)
+        out.update({f"{key}{suffix}": float(value) for key, value in quality.score(real, fake).items()})
+        if inception is not None:
+            f_fake = inception_features(inception, fake, f"{label}: Inception, {n} samples{suffix.replace('_', ' ')}")
+            scores = inception.score_features(f_real, f_fake)
+            out.update({f"inception_fid{suffix}": scores["fid"], f"inception_kid{suffix}": scores["kid"],
+                        f"inception_kid_std{suffix}": scores["kid_std"]})
+    if inception is not None:
+        out["inception_samples"] = float(n)
+    return out, {"vaepipe.feature_extractor_run": extractor_run}
