@@ -11,9 +11,9 @@ The same model, data, seed and training budget; only the Gaussian decoder N(x; �
 Each model is then scored on the held-out digits with one calibrated metric: the negative ELBO in bits/dim under the
 discretized Gaussian (8-bit bins, `vae.distributions.DiscGaussian`) with ONE σ per model fitted on the training set
 (σ² = the training MSE of the decoder mean at z ~ q(z|x), the maximum-likelihood shared σ for that mean), so every
-decoder is judged by the same rule whatever σ it trained with. Also printed: the model's own negative ELBO (a
-continuous density under its own σ; σ* is refitted per batch, so this column is not comparable across rows), the σ
-the model ends with and its equivalent β = 2σ², test MSE, KL, and active units (Burda et al.'s 0.01 threshold).
+decoder is judged by the same rule whatever σ it trained with. Also printed: the model's own negative ELBO (eval
+mode: the same discretized Gaussian under the model's own σ, for σ* the running estimate kept during training), the
+σ the model ends with and its equivalent β = 2σ², test MSE, KL, and active units (Burda et al.'s 0.01 threshold).
 Expected (METHODS §6.1): optimal ≈ learned ≪ fixed in bits/dim and MSE; fixed σ = 1 keeps few active units.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> None:
         curves.append((decoder, sigmas))
     print(f"NVAE tiny on digits 16×16, {args.steps} steps × batch {args.batch}, seed {args.seed}; test = {len(x_test)}")
     print("| decoder | σ (model) | β = 2σ² | σ fitted on train | test bpd, disc. Gaussian (σ fit) "
-          "| NELBO, own σ (nats) | KL (nats) | test MSE | active units | train s |")
+          "| NELBO, own σ, disc. (nats) | KL (nats) | test MSE | active units | train s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['decoder']} | {r['sigma']:.4f} | {r['beta']:.4f} | {r['sigma_fit']:.4f} | {r['disc_bpd']:.3f} | "
