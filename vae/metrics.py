@@ -41,7 +41,9 @@ CPU_MEMORY_BUDGET = 2 * 1024**3
 
 
 def bits_per_dim(nll_nats: Tensor | float, num_dims: int) -> Tensor | float:
-    """Negative log-likelihood in nats -> bits per dimension, NLL / (D·ln 2); D = C·H·W (or the cropped size)."""
+    """Negative log-likelihood in nats -> bits per dimension, NLL / (D·ln 2), D the values the likelihood scores:
+    `model.scored_dims` for an NVAE, C·(H − 2·crop)·(W − 2·crop). Meaningful for discrete likelihoods only (an NVAE in
+    eval mode gives those for every decoder); a continuous density per dimension can even be negative."""
     if num_dims < 1:
         raise ValueError(f"num_dims={num_dims} must be >= 1: pass the number of modelled dimensions, C·H·W")
     return nll_nats / (num_dims * math.log(2.0))
