@@ -355,10 +355,11 @@ def log_model(model: torch.nn.Module, name: str, run_id: str, model_id: str | No
         import vae
 
         code_paths = [str(Path(vae.__file__).resolve().parent)]
-    if pip_requirements is None:
-        import mlflow
+    if pip_requirements is None:  # pinned to what logged it: a pickled module loads back under the same versions
+        from importlib.metadata import version
 
-        pip_requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+        pip_requirements = [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision", "mlflow")]
+        pip_requirements.append(f"pillow>={version('pillow').split('.')[0]}")
     example = None
     if example_images is not None:
         first = np.asarray(example_images[0])

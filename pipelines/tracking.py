@@ -70,6 +70,21 @@ class TrackingUnavailableError(RuntimeError):
         super().__init__(redact_text(message))
 
 
+class ModelIntegrityError(RuntimeError):
+    """A logged model's files differ from the sha256 recorded when it was logged, or none was recorded: vaepipe
+    refuses to unpickle it."""
+
+
+# The digest of a logged model's files (a version tag; a run tag `vaepipe.model_sha256.<name>`; a LoggedModel tag)
+# and, where it fits, the per-file list it was computed from.
+MODEL_SHA256_TAG = "vaepipe.model_sha256"
+MODEL_FILES_TAG = "vaepipe.model_files"
+_MODEL_FILES_TAG_MAX = 5000  # MLflow's limit on a model version tag's value
+# Loading a model whose digest was never recorded (logged by another tool, or before vaepipe recorded digests).
+ALLOW_UNVERIFIED_ENV = "VAEPIPE_ALLOW_UNVERIFIED_MODELS"
+# Files MLflow itself writes into a downloaded model directory; not part of what was logged.
+_MODEL_DIR_NOISE = ("registered_model_meta",)
+
 # MLflow's REST client takes a server's credentials from these variables, never from the URI.
 _CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
@@ -694,7 +709,8 @@ class Tracker:
 
         Pickle serialization: MLflow 3's default torch.export (pt2) returns a GraphModule without `sample()`.
         `code_paths` defaults to the `vae` package, so the loaded object is our class with nothing installed.
-        Explicit `pip_requirements` skip MLflow's slow requirement inference. The model also gets a pyfunc flavour
+        Explicit `pip_requirements` (default: the installed torch, torchvision, mlflow, pillow) skip MLflow's slow
+        requirement inference. The model also gets a pyfunc flavour
         that serves generation requests, with their signature and a validated example (pipelines/serving.py);
         `input_example` (a batch of images) lends that example its image.
         """
@@ -704,10 +720,6 @@ class Tracker:
             import vae
 
             code_paths = [str(Path(vae.__file__).resolve().parent)]
-        if pip_requirements is None:
-            import torch
-
-            pip_requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
         self.activate()  # log_model resolves the run through mlflow's process-wide tracking URI
         # Left to itself, log_model files the LoggedModel under the process's active experiment (the
         # Default one without a fluent run), where `runs:/RUN/model` cannot find it: create it in the run's.
@@ -715,8 +727,46 @@ class Tracker:
         logged = _retry_locked(lambda: self.client.create_logged_model(exp_id, name=name, source_run_id=run_id))
         # Not retried on a locked store: a second attempt would save the artifacts twice.
         info = serving.log_model(model, name, run_id, logged.model_id, code_paths=list(code_paths),
-                                 pip_requirements=list(pip_requirements), example_images=input_example)
+                                 pip_requirements=pip_requirements, example_images=input_example)
+        # Loading unpickles model.pth and imports the code paths: record what was logged, to check before loading.
+        self._record_model_digest(run_id, name, logged.model_id, info.model_uri)
         return info.model_uri
+
+    def _record_model_digest(self, run_id: str, name: str, model_id: str | None, model_uri: str) -> None:
+        files = model_files_sha256(self.download_model(model_uri))
+        digest = files_digest(files)
+        _retry_locked(lambda: self.client.set_tag(run_id, f"{MODEL_SHA256_TAG}.{name}", digest))
+        if model_id:
+            _retry_locked(lambda: self.client.set_logged_model_tags(model_id, {MODEL_SHA256_TAG: digest}))
+
+    def download_model(self, model_uri: str, dst: str | None = None) -> str:
+        """A local copy of a logged model's directory."""
+        import mlflow.artifacts
+
+        self.activate()
+        dst = dst or tempfile.mkdtemp(prefix="vaepipe-model-")
+        return _retry_locked(lambda: mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=dst, tracking_uri=self.tracking_uri))
+
+    def recorded_model_digest(self, model_uri: str) -> tuple[str | None, str | None]:
+        """(digest, per-file list) recorded for `model_uri` when it was logged and registered; Nones if none."""
+        ref = model_uri.split(":/", 1)[-1].strip("/")
+        if model_uri.startswith("runs:/"):
+            run_id, _, name = ref.partition("/")
+            tags = _retry_locked(lambda: self.client.get_run(run_id)).data.tags
+            return tags.get(f"{MODEL_SHA256_TAG}.{name}"), None
+        if model_uri.startswith("models:/m-"):
+            tags = _retry_locked(lambda: self.client.get_logged_model(ref)).tags or {}
+            return tags.get(MODEL_SHA256_TAG), None
+        if model_uri.startswith("models:/"):
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                mv = _retry_locked(lambda: self.client.get_model_version_by_alias(name, alias))
+            else:
+                name, _, version = ref.partition("/")
+                mv = _retry_locked(lambda: self.client.get_model_version(name, version))
+            return mv.tags.get(MODEL_SHA256_TAG), mv.tags.get(MODEL_FILES_TAG)
+        return None, None
 
     def register_model(
         self,
@@ -732,6 +782,7 @@ class Tracker:
             model_uri, name, await_registration_for=await_s, tags={k: str(v) for k, v in (tags or {}).items()}
         ))
         version = str(mv.version)
+        self._tag_version_digest(model_uri, name, version)
         status = _retry_locked(lambda: self.client.get_model_version(name, version)).status
         if status != "READY":
             raise TrackingUnavailableError(
@@ -741,6 +792,25 @@ class Tracker:
         if alias:
             self.set_alias(name, alias, version)
         return version
+
+    def _tag_version_digest(self, model_uri: str, name: str, version: str) -> None:
+        """The version carries the sha256 of its files: the digest recorded at log time when the source has one
+        (and the files still match it), else the files' digest now."""
+        files = model_files_sha256(self.download_model(f"models:/{name}/{version}"))
+        digest = files_digest(files)
+        recorded, _ = self.recorded_model_digest(model_uri) if model_uri.startswith(("runs:/", "models:/m-")) \
+            else (None, None)
+        if recorded is not None and recorded != digest:
+            raise ModelIntegrityError(
+                f"{redact_text(model_uri)}: its files changed between logging and registration (sha256 {digest[:12]}"
+                f"..., logged as {recorded[:12]}...); not registering it. Log the model again from a trusted run"
+            )
+        tags = {MODEL_SHA256_TAG: digest}
+        listing = "\n".join(f"{h}  {p}" for p, h in sorted(files.items()))
+        if len(listing) <= _MODEL_FILES_TAG_MAX:
+            tags[MODEL_FILES_TAG] = listing
+        for key, value in tags.items():
+            _retry_locked(lambda: self.client.set_model_version_tag(name, version, key, value))
 
     def set_alias(self, name: str, alias: str, version: str | int) -> None:
         _retry_locked(lambda: self.client.set_registered_model_alias(name, alias, str(version)))
@@ -786,6 +856,60 @@ class Tracker:
             return [exp.experiment_id] if exp is not None and exp.lifecycle_stage == "active" else []
         exps = _retry_locked(lambda: self.client.search_experiments(filter_string=f"name LIKE '{EXPERIMENT_PREFIX}%'"))
         return [e.experiment_id for e in exps]
+
+
+def model_files_sha256(directory: str | os.PathLike) -> dict[str, str]:
+    """{relative path: sha256} of every file of a model directory (MLflow's own download markers left out)."""
+    root = Path(directory)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name not in _MODEL_DIR_NOISE and "__pycache__" not in path.parts:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[path.relative_to(root).as_posix()] = digest.hexdigest()
+    return out
+
+
+def files_digest(files: Mapping[str, str]) -> str:
+    """One sha256 over a directory's `{path: sha256}`: any added, removed, renamed or changed file changes it."""
+    return hashlib.sha256("\n".join(f"{h}  {p}" for p, h in sorted(files.items())).encode()).hexdigest()
+
+
+def verified_model_dir(tracker: "Tracker", model_uri: str) -> str:
+    """A local copy of the model at `model_uri` whose files match the sha256 recorded when it was logged and
+    registered; the model is loaded from this copy, so what was checked is what is unpickled.
+
+    Raises ModelIntegrityError on a mismatch, and when no digest was recorded (unless
+    $VAEPIPE_ALLOW_UNVERIFIED_MODELS=1)."""
+    expected, listing = tracker.recorded_model_digest(model_uri)
+    local = tracker.download_model(model_uri)
+    files = model_files_sha256(local)
+    actual = files_digest(files)
+    shown = redact_text(model_uri)
+    if expected is None:
+        if os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
+            log.warning("%s has no recorded sha256; loading it unverified (%s=1)", shown, ALLOW_UNVERIFIED_ENV)
+            return local
+        raise ModelIntegrityError(
+            f"{shown} has no recorded sha256 (logged by another tool, or before vaepipe recorded them), so vaepipe "
+            f"cannot check it before unpickling it, which runs code as you. Register it again from its run, or, "
+            f"if you trust everyone who can write to this store, set {ALLOW_UNVERIFIED_ENV}=1"
+        )
+    if actual != expected:
+        changed = ""
+        if listing:
+            recorded = {p: h for h, p in (line.split("  ", 1) for line in listing.splitlines() if "  " in line)}
+            diff = sorted(p for p in set(recorded) | set(files) if recorded.get(p) != files.get(p))
+            changed = f"; changed: {', '.join(diff[:10])}"
+        raise ModelIntegrityError(
+            f"{shown}: its files do not match the sha256 recorded when it was logged (expected {expected[:16]}..., "
+            f"found {actual[:16]}...{changed}). Refusing to load it: unpickling a swapped model runs its code as "
+            f"you. Find out who changed the artifact store; restore the files from a trusted copy or register a "
+            f"new version from a trusted run"
+        )
+    return local
 
 
 def _restore_tracker(tracking_uri: str, artifact_root: str | None, registry_uri: str | None,
