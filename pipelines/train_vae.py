@@ -45,6 +45,18 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message names likely fixes."""
 
 
+class Diverged(TrainingError):
+    """The model diverged: every rank sees it at the same step (the figures are all-reduced), so the loop ends
+    cleanly instead of failing a worker, which Ray would retry from a checkpoint only to diverge again."""
+
+    # Codes of the `train/diverged` metric, which carries the divergence to the driver through MLflow.
+    NONFINITE_UPDATES, NONFINITE_VALIDATION = 1.0, 2.0
+
+    def __init__(self, code: float, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The plan: numbers the driver works out once and every worker shares.
 
@@ -172,7 +184,8 @@ def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor
         state.skipped_total += 1
         state.skipped_in_row += 1
         if state.skipped_in_row > t.max_skipped_steps:
-            raise TrainingError(
+            raise Diverged(
+                Diverged.NONFINITE_UPDATES,
                 f"{state.skipped_in_row} updates in a row had a non-finite loss or gradient (last loss "
                 f"{out.loss.item():.4g}, grad norm {grad_norm.item():.4g}). Likely fixes: lower train.lr, raise "
                 f"nvae.lambda_sr (or set nvae.sr_anneal=true), lower train.grad_clip; check the data for NaNs."
@@ -298,7 +311,12 @@ def evaluate(state: TrainState, batches, cfg: PipelineConfig, device: torch.devi
             sums[4] += out.stats["nelbo_continuous"].double() * x.shape[0]
         if iw_budget > 0:
             xi = x[:iw_budget]
-            sums[2] += importance_weighted_nll(model, xi, k=cfg.train.val_iw_samples).double().sum()
+            try:
+                sums[2] += importance_weighted_nll(model, xi, k=cfg.train.val_iw_samples).double().sum()
+            except RuntimeError:
+                if torch.isfinite(out.nelbo).all():
+                    raise
+                sums[2] += math.nan  # a broken model: the figure is logged as NaN and the loop ends the run
             sums[3] += xi.shape[0]
             iw_budget -= xi.shape[0]
     model.train()
@@ -404,7 +422,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             x = x.to(device, non_blocking=True)
             if device.type == "cuda" and cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            stats = training_step(state, ddp_model, x, cfg, device, plan.total_steps)
+            try:
+                stats = training_step(state, ddp_model, x, cfg, device, plan.total_steps)
+            except Diverged as e:
+                _report_divergence(state, cfg, rank, stop_at, e)
+                return
             images_seen += x.shape[0] * world
             end_of_epoch = batches_done == plan.steps_per_epoch
             stopping = state.step >= stop_at
@@ -427,9 +449,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         metrics.update(evaluate(state, _batches(val_shard, cfg, seed=0, train=False), cfg, device,
                                                 world))
-                        if rank == 0:
+                        if rank == 0 and math.isfinite(metrics["val/nelbo"]):
                             pictures = picture_pngs(state, x, device)
                     t_last = time.perf_counter()
+                    if not math.isfinite(metrics["val/nelbo"]):
+                        ray.train.report(metrics)  # the non-finite figures reach MLflow; no broken checkpoint
+                        _report_divergence(state, cfg, rank, stop_at, Diverged(
+                            Diverged.NONFINITE_VALIDATION, f"the validation NELBO is {metrics['val/nelbo']}"))
+                        return
                 _report(state, metrics, cfg, rank, want_ckpt, 0 if end_of_epoch else batches_done, end_of_epoch,
                         pictures)
                 _heartbeat(plan, rank, state.step)
@@ -437,6 +464,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.epoch += 1
         if batches_done == 0:
             raise TrainingError(f"rank {rank} received no training batches; the dataset shard is empty")
+
+
+def _report_divergence(state: TrainState, cfg: PipelineConfig, rank: int, stop_at: int, error: Diverged) -> None:
+    """Every rank reports the divergence once (a report is a barrier) and its loop returns."""
+    import ray.train
+
+    if rank == 0:
+        print(f"[train] diverged at step {state.step}: {error}", flush=True)
+    ray.train.report({"step": state.step, "epoch": state.epoch + 1, "epochs": cfg.train.epochs,
+                      "total_steps": stop_at, "train/diverged": error.code,
+                      "train/skipped_steps": state.skipped_total})
 
 
 def _report(state: TrainState, metrics: dict, cfg: PipelineConfig, rank: int, with_checkpoint: bool,
@@ -495,8 +533,9 @@ def _make_reporter(run_id: str, tracking_uri: str):
             step = int(m.pop("step"))
             epoch, epochs, total = int(m.pop("epoch")), int(m.pop("epochs")), int(m.pop("total_steps"))
             now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in m.items()
-                     if isinstance(v, (int, float)) and math.isfinite(v)]
+            # Non-finite values are logged as NaN: a diverging run must show it (MLflow would clamp ±inf).
+            batch = [Metric(k, float(v) if math.isfinite(v) else math.nan, now, step) for k, v in m.items()
+                     if isinstance(v, (int, float))]
             client = self._mlflow()
             for i in range(0, len(batch), 900):
                 client.log_batch(run_id, metrics=batch[i:i + 900])
@@ -644,12 +683,57 @@ def run_train(
     print(f"[train] {t.num_workers or 1} worker(s) × {t.worker_batch_size} images = global batch {t.batch_size}, "
           f"{steps_per_epoch} steps/epoch × {t.epochs} epochs; "
           f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
+    continue_with = ("vaepipe train CONFIG --resume" if own_parent
+                     else f"vaepipe run CONFIG --resume {parent_run_id}")
     with ending_runs(tracker, run_id, parent_run_id, own_parent):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainingError(
+                f"training stopped after Ray restarted the workers train.max_failures={t.max_failures} times "
+                f"({_first_line(e)}). Continue from the last checkpoint with `{continue_with}` (same config); "
+                f"if workers keep getting lost, give them more memory or raise train.max_failures"
+            ) from None
+        _stop_if_diverged(cfg, tracker, run_id, result)
         if result.checkpoint is None:
             raise TrainingError(f"training ended without a checkpoint; see the logs in {storage}/{ray_name}")
         stage_result = finish(cfg, tracker, run_id, result)
     return stage_result
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    cause = getattr(error, "worker_failures", None)
+    if isinstance(cause, dict) and cause:
+        text = str(next(iter(cause.values()))).strip() or text
+    return (text.splitlines() or [type(error).__name__])[-1][:300]
+
+
+def _stop_if_diverged(cfg: PipelineConfig, tracker, run_id: str, result) -> None:
+    """After a divergence: keep the newest checkpoint reported with finite figures as the run's `checkpoint`
+    artifact and raise the message that says what diverged, where, and how to go on from there."""
+    history = tracker.client.get_metric_history(run_id, "train/diverged")
+    if not history:
+        return
+    mark = history[-1]
+    what = ("the loss or gradient was non-finite for more than train.max_skipped_steps="
+            f"{cfg.train.max_skipped_steps} updates in a row" if mark.value == Diverged.NONFINITE_UPDATES
+            else "the validation NELBO became non-finite")
+    good = [(c, m) for c, m in (result.best_checkpoints or [])
+            if all(math.isfinite(v) for k, v in m.items() if k.startswith("train/") and isinstance(v, (int, float)))]
+    lr = cfg.train.lr
+    head = (f"training diverged at step {mark.step}: {what}. Lower train.lr (now {lr:g}; try --set "
+            f"train.lr={lr / 10:g}), or raise nvae.lambda_sr / lower train.grad_clip.")
+    if not good:
+        raise TrainingError(f"{head} No checkpoint was saved before it diverged: start again with the lower rate.")
+    checkpoint, metrics = max(good, key=lambda cm: cm[1].get("step", -1))
+    with checkpoint.as_directory() as d:
+        read_checkpoint(d)  # complete and loadable
+        tracker.log_artifacts(run_id, d, artifact_path="checkpoint")
+    raise TrainingError(
+        f"{head} The last good checkpoint (step {metrics.get('step')}) is saved in run {run_id}: continue from it "
+        f"with `vaepipe train CONFIG --from-run {run_id} --set train.lr={lr / 10:g}`"
+    )
 
 
 def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
