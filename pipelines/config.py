@@ -35,6 +35,8 @@ class DataConfig(Config):
     image_size: Optional[int] = None
     # Folder of images for source=folder; download cache for torchvision sources.
     source_path: Optional[str] = None
+    # source=folder: read symlinks that lead outside the folder (refused by default: a link can expose any file).
+    follow_symlinks: bool = False
     cache_dir: str = "~/.cache/vaepipe"
     seed: int = 0
     # Procedural shapes: how many, and RGB (with a hue factor) or grey.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -95,11 +96,18 @@ def promote(tracker, name: str, version: str | None = None, from_alias: str | No
 
 
 def load_registered(tracker, model_uri: str):
+    """The model at `model_uri`, unpickled only after its files match the sha256 recorded when it was logged
+    (a ModelIntegrityError otherwise): loading runs the pickle's code as this user."""
     import mlflow
+
+    from pipelines.tracking import ModelIntegrityError, verified_model_dir
 
     tracker.activate()
     try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        local = verified_model_dir(tracker, model_uri)
+        return mlflow.pytorch.load_model(local, map_location="cpu")
+    except ModelIntegrityError:
+        raise
     except Exception as e:
         known = [m.name for m in tracker.client.search_registered_models()]
         raise ConfigError(f"cannot load {model_uri!r} from {tracker.tracking_uri} ({type(e).__name__}: "
@@ -289,15 +297,62 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from pipelines.common import png_bytes
     from vae.metrics import sample_grid
 
+    out = _writable_output(args.out)  # before minutes of loading and sampling
     tracker = _tracker(args)
     model = load_registered(tracker, args.model_uri)
     torch.manual_seed(args.seed)
     images = sample_images(model, args.n, args.method, args.temperature)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png_bytes(sample_grid(images, nrow=max(1, int(math.sqrt(args.n))))))
+    try:
+        out.write_bytes(png_bytes(sample_grid(images, nrow=max(1, int(math.sqrt(args.n))))))
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write {out} ({e.strerror or e}); pick a writable path") from None
     print(f"wrote {args.n} samples of {args.model_uri} to {out}")
     return 0
+
+
+def _writable_output(path: str) -> Path:
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a directory; name the PNG file, e.g. --out {out / 'samples.png'}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"--out: directory {folder} does not exist; create it (mkdir -p {folder}) or pick "
+                          f"another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"--out: {out} cannot be written (no write permission on {folder if not out.exists() else out});"
+                          f" pick a writable path")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number above 0 (1.0 samples the prior as "
+                                         f"trained; below 1 is sharper)")
+    return value
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -338,10 +393,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("sample", help="write a PNG grid of samples from a registered model")
     s.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--n", type=_positive_int, default=64, help="how many samples (default 64)")
+    s.add_argument("--out", default="samples.png", help="PNG file to write, in an existing directory")
     s.add_argument("--method", choices=("sir", "langevin", "base"), default=None, help="NCP-VAE sampling method")
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--temperature", type=_temperature, default=1.0, help="prior temperature, > 0 (default 1.0)")
     s.add_argument("--seed", type=int, default=0)
     _add_tracking_args(s)
     s.set_defaults(func=_cmd_sample)
@@ -351,15 +406,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", required=True, help="a prepared data set directory")
     e.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="the split to score; the metrics are named after it (test/..., val/...)")
-    e.add_argument("--k", type=int, default=1000, help="importance samples for the NLL bound")
-    e.add_argument("--max-examples", type=int, default=2000)
-    e.add_argument("--ncp-k", type=int, default=20, metavar="K",
+    e.add_argument("--k", type=_positive_int, default=1000, help="importance samples for the NLL bound")
+    e.add_argument("--max-examples", type=_positive_int, default=2000)
+    e.add_argument("--ncp-k", type=_positive_int, default=20, metavar="K",
                    help="NCP models: importance samples for the NCP prior's own NLL (each needs nested draws for "
                         "the normalisers, so it costs far more per sample than the base bound)")
-    e.add_argument("--ncp-z-samples", type=int, default=None, metavar="M",
+    e.add_argument("--ncp-z-samples", type=_positive_int, default=None, metavar="M",
                    help="NCP models: prior draws per context for each normaliser Z_k (default: the model's "
                         "ncp.log_z_samples); the figure's Monte Carlo error is logged beside it")
-    e.add_argument("--samples", type=int, default=1000,
+    e.add_argument("--samples", type=_non_negative_int, default=1000,
                    help="images sampled (per method) for the sample-quality scores; 0 skips them")
     e.add_argument("--inception-weights", default=None, metavar="PATH_OR_URI",
                    help="torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth) as a "

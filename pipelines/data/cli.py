@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, metavar="F", help="fraction of the examples for validation")
     p.add_argument("--test-fraction", type=float, metavar="F", help="fraction of the examples for testing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DIR")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="source 'folder': read symlinks that point outside the folder (refused by default)")
     p.set_defaults(func=cmd_prepare)
 
     i = sub.add_parser(
@@ -81,6 +83,7 @@ def data_config(args: argparse.Namespace) -> DataConfig:
         "cache_dir": args.cache_dir,
         "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction,
+        "follow_symlinks": True if getattr(args, "follow_symlinks", False) else None,
     }
     # Unset options keep DataConfig's defaults; from_dict validates and names the bad key.
     return DataConfig.from_dict({k: v for k, v in fields.items() if v is not None})

@@ -352,6 +352,8 @@ def _folder(cfg: DataConfig, log: Log) -> SourceData:
             f"image folder {str(root)!r} does not exist or is not a folder; point --source-path at a folder of images"
         )
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not cfg.follow_symlinks:
+        _refuse_links_out_of(root, files)
     if not files:
         raise DatasetError(
             f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}; point --source-path at a folder of images "
@@ -369,8 +371,11 @@ def _folder(cfg: DataConfig, log: Log) -> SourceData:
             with Image.open(p) as im:  # reads the header only
                 sizes.add(im.size)
                 colour = colour or im.mode not in ("1", "L", "LA", "I", "I;16", "F")
+        except Image.DecompressionBombError as e:
+            _refuse_huge(p, None, str(e))
         except OSError as e:
             raise DatasetError(f"{p} is not a readable image ({e}); remove or convert it, then prepare again") from None
+        _refuse_huge(p, im.size)
     size = cfg.image_size
     if size is None:
         squares = {min(s) for s in sizes}
@@ -392,6 +397,39 @@ def _folder(cfg: DataConfig, log: Log) -> SourceData:
         notes=f"{len(files)} images under {root}, {mode}, centre square crop, bilinear resize to {size}"
         + ("; labels from sub-folder names" if has_labels else "; no labels (no sub-folders)"),
     )
+
+
+# A larger image is refused before it is decoded: 100 Mpixels decode to 300 MB (RGB) per image and thread.
+MAX_FOLDER_IMAGE_PIXELS = 100_000_000
+
+
+def _refuse_huge(path: Path, size: Optional[tuple[int, int]], pil_error: str = "") -> None:
+    if size is not None and size[0] * size[1] <= MAX_FOLDER_IMAGE_PIXELS:
+        return
+    if size is not None:
+        shown = f"{size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} Mpixels)"
+    else:  # PIL refused to open it: "Image size (196000000 pixels) exceeds limit ..."
+        pixels = "".join(c for c in pil_error.split("pixels")[0] if c.isdigit())
+        shown = f"{int(pixels) / 1e6:.0f} Mpixels" if pixels else "over PIL's size limit"
+    raise DatasetError(
+        f"{path} is {shown}, above the {MAX_FOLDER_IMAGE_PIXELS // 1_000_000} Mpixel limit for one image (a huge "
+        f"scan, or a file made to exhaust memory); downscale it first (e.g. `convert {path} -resize 4096x4096 "
+        f"{path}`) or remove it from the folder"
+    )
+
+
+def _refuse_links_out_of(root: Path, files: list[Path]) -> None:
+    """Refuse images that are, or sit under, symlinks leading outside `root`: a link in a shared folder could
+    make the dataset (and everyone who reads it) carry any file this user can read."""
+    top = root.resolve()
+    outside = [p for p in files if not p.resolve().is_relative_to(top)]
+    if outside:
+        shown = ", ".join(f"{p} -> {p.resolve()}" for p in outside[:3])
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        raise DatasetError(
+            f"{len(outside)} image(s) under {root} are symlinks to files outside it ({shown}{more}); copy them into "
+            f"the folder, remove the links, or pass --follow-symlinks (--set data.follow_symlinks=true) to read them"
+        )
 
 
 _SOURCES: dict[str, Callable[..., SourceData]] = {
