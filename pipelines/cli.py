@@ -36,9 +36,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from pipelines.tracking import TrackingUnavailableError
+        from pipelines.tracking import ModelIntegrityError, TrackingUnavailableError
 
-        types.append(TrackingUnavailableError)
+        types += [TrackingUnavailableError, ModelIntegrityError]
     except ImportError:
         pass
     return tuple(types)

@@ -163,3 +163,76 @@ def test_two_first_runs_racing_on_a_new_store(tmp_path):
     assert len(ids) == 1  # one experiment, created once
     con = sqlite3.connect(workdir / "mlflow.db")
     assert con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+
+
+def _tiny_state(lr: float):
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from pipelines.config import load_config
+    from pipelines.train_vae import TrainPlan, setup
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"train.lr={lr}", "train.num_workers=1", "train.batch_size=32",
+                                                      "train.max_skipped_steps=3", "train.val_iw_examples=8"])
+    x = torch.tensor(load_digits().images[:32] / 16.0, dtype=torch.float32)[:, None]
+    x = F.interpolate(x, size=16, mode="bilinear").clamp(0, 1)
+    plan = TrainPlan(run_id="r", tracking_uri="", data_path="", train_examples=32, val_examples=32, steps_per_epoch=1,
+                     total_steps=50, heartbeat_dir="", init_checkpoint=None, max_steps=None)
+    return cfg, setup(cfg, plan, torch.device("cpu")), x
+
+
+def test_a_diverging_model_stops_with_the_designed_error_and_validation_gives_nan():
+    import math
+
+    import torch
+
+    from pipelines.train_vae import Diverged, evaluate, training_step
+
+    cfg, state, x = _tiny_state(lr=1e6)
+    losses = []
+    with pytest.raises(Diverged) as e:
+        for _ in range(20):
+            losses.append(training_step(state, state.model, x, cfg, torch.device("cpu"), 50)["train/loss"])
+    assert e.value.code == Diverged.NONFINITE_UPDATES and "lower train.lr" in str(e.value)
+    assert math.isfinite(losses[0]) and all(math.isnan(v) for v in losses[1:])  # NaN kept, not dropped
+    assert len(losses) == cfg.train.max_skipped_steps + 1
+    metrics = evaluate(state, [x], cfg, torch.device("cpu"), world=1)  # must not raise on a broken model
+    assert math.isnan(metrics["val/nelbo"]) and math.isnan(metrics["val/iw_nll"])
+
+
+@pytest.mark.slow
+def test_train_with_an_absurd_learning_rate_ends_with_the_designed_message(ray_local, digits16, mlflow_store,
+                                                                           tmp_path):
+    import math
+
+    from mlflow import MlflowClient
+
+    from pipelines.config import load_config
+    from pipelines.train_vae import TrainingError, run_train
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"data.path={digits16}", f"tracking.workdir={mlflow_store.workdir}",
+        f"tracking.tracking_uri={mlflow_store.tracking_uri}",
+        f"tracking.artifact_location={mlflow_store.artifact_location}", f"train.storage_path={tmp_path / 'ray'}",
+        "train.lr=1e6", "train.epochs=2", "train.log_every_steps=2", "train.checkpoint_every_steps=4",
+        "train.val_iw_examples=16", "train.max_skipped_steps=6"])
+    t0 = time.monotonic()
+    with pytest.raises(TrainingError) as e:
+        run_train(cfg)
+    took = time.monotonic() - t0
+    msg = str(e.value)
+    print(f"\n[figure] train.lr=1e6: designed error after {took:.0f} s: {msg}")
+    assert "diverged at step" in msg and "Lower train.lr" in msg and "train.lr=100000" in msg
+    client = MlflowClient(mlflow_store.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("vaepipe/demo").experiment_id],
+                             "tags.`vaepipe.stage` = 'train'")[0]
+    assert run.info.status == "FAILED"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert any(math.isnan(v) for v in losses)  # the non-finite values reached MLflow
+    assert not client.get_metric_history(run.info.run_id, "train/resumed_from_step")  # never retried

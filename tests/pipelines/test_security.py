@@ -202,3 +202,55 @@ def test_user_password_http_uri_reaches_a_live_server(mlflow_server):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "PLANT" not in out.stdout + out.stderr
     assert "PLANT" not in (mlflow_server.root / "server.log").read_text(errors="replace")
+
+
+# ------------------------------------------------------------------------------------------------ model files
+
+
+class _Payload:
+    """A pickle that runs a command when it is loaded: what a swapped model.pth can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_swapped_model_file_is_refused_before_unpickling(mlflow_store, tmp_path, capsys):
+    import pickle
+
+    import torch
+
+    from pipelines import cli
+    from pipelines.config import load_config
+    from pipelines.registry import load_registered
+    from pipelines.tracking import MODEL_SHA256_TAG, ModelIntegrityError, Tracker
+    from vae import NVAE, NVAEConfig
+
+    torch.set_num_threads(1)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"tracking.workdir={mlflow_store.workdir}",
+                                                      f"tracking.tracking_uri={mlflow_store.tracking_uri}",
+                                                      f"tracking.artifact_location={mlflow_store.artifact_location}"])
+    tracker = Tracker.connect(cfg.tracking)
+    run_id = tracker.start_pipeline_run(cfg)
+    uri = tracker.log_pytorch_model(run_id, NVAE(NVAEConfig.preset("tiny", image_shape=(1, 8, 8))))
+    version = tracker.register_model(uri, "sec-nvae")
+    mv = tracker.client.get_model_version("sec-nvae", version)
+    assert len(mv.tags[MODEL_SHA256_TAG]) == 64 and "data/model.pth" in mv.tags["vaepipe.model_files"]
+    assert type(load_registered(tracker, "models:/sec-nvae@candidate")).__name__ == "NVAE"  # intact: loads
+
+    stored = [p for p in Path(mlflow_store.artifact_location).rglob("model.pth")]
+    assert stored, "no model.pth in the artifact store"
+    marker = tmp_path / "pwned"
+    for path in stored:
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    for ref in ("models:/sec-nvae@candidate", f"models:/sec-nvae/{version}", f"runs:/{run_id}/model"):
+        with pytest.raises(ModelIntegrityError, match="do not match the sha256") as e:
+            load_registered(tracker, ref)
+        assert not marker.exists(), f"{ref}: the swapped pickle ran"
+    assert "data/model.pth" in str(e.value) or "runs:/" in str(e.value)
+    code = cli.main(["sample", "models:/sec-nvae@candidate", "--tracking-uri", mlflow_store.tracking_uri,
+                     "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Refusing to load it" in err and "Traceback" not in err and not marker.exists()
