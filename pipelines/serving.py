@@ -482,7 +482,7 @@ def model_card(tracker, name: str, version: str, config: Any, run_id: str) -> st
     sampling = {"nvae": '"n": 16, "temperature": 0.8', "ncp": '"n": 16, "method": "sir"', "gwae": '"n": 16'}
     python_sample = {"nvae": "model.sample(16, temperature=0.8)", "ncp": 'model.sample(16, method="sir")',
                      "gwae": "model.sample(16)"}
-    source_model = tags.get("vaepipe.source_model", "none")
+    source_model = _pinned(tracker, tags.get("vaepipe.source_model", "none"))
     return f"""# {name} v{version}
 
 {what.capitalize()} for {c}x{h}x{w} images, made by the `{stage}` stage of vaepipe.
@@ -522,6 +522,17 @@ Serve it over REST:
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
       -d '{{"dataframe_records": [{{"request": "sample"}}], "params": {{{sampling[family]}}}}}'
 """
+
+
+def _pinned(tracker, uri: str) -> str:
+    """An alias URI with the version it pointed at now (aliases move; the card must keep naming the same model)."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    name, alias = uri[len("models:/"):].split("@", 1)
+    try:
+        return f"{uri} (version {tracker.client.get_model_version_by_alias(name, alias).version} at registration)"
+    except Exception:
+        return uri
 
 
 def describe_version(tracker, name: str, version: str | int, config: Any, run_id: str) -> str:

@@ -289,7 +289,9 @@ def test_model_card_and_promotion_reason(registry, digits16):
     tracker.log_metrics(run2, {"val/bpd": 2.1}, step=0)
     source = tracker.client.get_model_version(name, v1).source
     v2 = tracker.client.create_model_version(name, source, run_id=run2).version
-    serving.describe_version(tracker, name, v2, cfg, run2)
+    tracker.set_tags(run2, {"vaepipe.source_model": f"models:/{name}@champion"})  # aliases move: the card pins it
+    assert f"models:/{name}@champion (version {v1} at registration)" in serving.describe_version(
+        tracker, name, v2, cfg, run2)
     promote(tracker, name, version=str(v2))
     first = tracker.client.get_model_version(name, v1).description
     second = tracker.client.get_model_version(name, str(v2)).description
