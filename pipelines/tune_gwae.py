@@ -17,12 +17,20 @@ Contracts kept here (DESIGN.md, PLATFORM.md):
 - one MLflow writer: `TrialRuns` (an `MLflowLoggerCallback`) on the driver opens a run per trial nested under the
   tune run, with the sampled values as params and the per-epoch metrics; a resumed trial reattaches to its run;
 - each epoch reports losses, psnr, dci (+ completeness, informativeness) when the data has factors, auroc, nmi/ari
-  for GMP priors on labelled data, the distance scale, and objective = Σ tune.objective_weights[m]·m.
+  for GMP priors on labelled data, the distance scale, the prior's health (marginal excess kurtosis), the collapse
+  check, objective = Σ tune.objective_weights[m]·m, and `selection`: tune.metric, or the worst possible value when
+  the epoch collapsed. ASHA cuts and checkpoints are kept on `selection`, so a collapsed model is never the best.
 
-OoD: `auroc` scores val images (in) against uniform-noise images, or val images of the held-out `tune.ood_class`
-(out), with the paper's score f(G(μ), μ), higher = more OoD. That direction holds early in training and can flip once
-reconstructions get good (see GWAE.ood_score), so `auroc` below 0.5 is a real reading, not a bug; `auroc_recon`
-scores by reconstruction error ½‖x − G(μ)‖² instead, a baseline that does not depend on the critic.
+Honest selection: trials are scored on validation images only (DCI's forest split seeded by the epoch, so each epoch
+fits and scores different subsets); the best non-collapsed (trial, epoch) is then measured again on the test split,
+never seen before, and those test figures are the registered model's `best/*` metrics (`best/val_<metric>` keeps the
+validation value it was chosen on). When every trial collapsed nothing is registered.
+
+OoD: `auroc` scores val images (in) against val images of the held-out `tune.ood_class` (out; uniform noise when
+it is null, which any model separates), with the paper's score f(G(μ), μ), higher = more OoD. That direction holds
+early in training and can flip once reconstructions get good (see GWAE.ood_score), so `auroc` below 0.5 is a real
+reading, not a bug. Beside it: `auroc_prior`, the paper's baseline −log N(μ; 0, I), and `auroc_recon`, the
+reconstruction error ½‖x − G(μ)‖²; neither depends on the critic.
 """
 from __future__ import annotations
 
@@ -53,8 +61,17 @@ MAX_DISCRETE_VALUES = 16  # a factor whose values are this few integers is a cla
 TRAIN_TERMS = {"loss": "loss", "gw": "loss_gw", "w": "loss_w", "d": "loss_d", "h": "loss_h",
                "critic_w1": "critic_w1", "critic_gp": "critic_gp"}
 # Everything a trial may report (what the MLflow callback logs); `reported_metrics` says which every trial reports.
-METRICS = (*TRAIN_TERMS.values(), "skipped_steps", "distance_coef", "psnr", "auroc", "auroc_recon", "dci",
-           "dci_completeness", "dci_informativeness", "nmi", "ari", "objective", "epoch")
+METRICS = (*TRAIN_TERMS.values(), "skipped_steps", "distance_coef", "psnr", "auroc", "auroc_prior", "auroc_recon",
+           "dci", "dci_completeness", "dci_informativeness", "nmi", "ari", "prior_kurtosis_mean", "prior_kurtosis_max",
+           "prior_max_abs_z", "recon_spread", "data_spread", "sample_spread", "mean_image_psnr", "collapsed",
+           "objective", "selection", "metric_at_init", "epoch")
+# `selection` of a collapsed epoch: the worst value in the search's direction (finite: Tune's bookkeeping and
+# MLflow both take it).
+COLLAPSED_SCORE = 1e9
+# Metrics re-measured on the test split for the registered model.
+TEST_METRICS = ("psnr", "dci", "dci_completeness", "dci_informativeness", "auroc", "auroc_prior", "auroc_recon",
+                "nmi", "ari", "recon_spread", "data_spread", "sample_spread", "mean_image_psnr", "collapsed",
+                "prior_kurtosis_max", "objective")
 
 
 class SearchError(RuntimeError):
@@ -70,27 +87,30 @@ class TunePlan:
     config: dict  # the PipelineConfig, as a dict; each trial applies its sampled values to it
     steps_per_epoch: int
     discrete_factors: tuple[int, ...]
+    grid_keys: tuple[str, ...] = ()  # searched by grid: repeats of a grid point share seeds across its values
+    grid_size: int = 1
 
 
-def load_trial_data(cfg: PipelineConfig, manifest) -> dict[str, np.ndarray]:
-    """Train images, the evaluation set (images, factors, labels) and the OoD images, as numpy arrays (uint8 images).
+def load_trial_data(cfg: PipelineConfig, manifest, split: str = "val") -> dict[str, np.ndarray]:
+    """Train images, the evaluation set (images, factors, labels) from `split` and its OoD images, as numpy arrays
+    (uint8 images). Trials evaluate on "val"; the chosen model is measured again on "test".
 
-    With tune.ood_class the class is held out of training and its val images are the OoD set; otherwise the OoD set
-    is uniform noise, seeded by tune.seed."""
+    With tune.ood_class the class is held out of training and its `split` images are the OoD set; otherwise the OoD
+    set is uniform noise, seeded by tune.seed (and the split)."""
     from pipelines.data import load_split
 
     t = cfg.tune
     train = load_split(t.data.path, "train", image_dtype=torch.uint8)
-    val = load_split(t.data.path, "val", image_dtype=torch.uint8)
+    held = load_split(t.data.path, split, image_dtype=torch.uint8)
     images, labels = train["image"].numpy(), train["label"].numpy()
-    val_images, val_labels, val_factors = val["image"].numpy(), val["label"].numpy(), val["factors"].numpy()
+    val_images, val_labels, val_factors = held["image"].numpy(), held["label"].numpy(), held["factors"].numpy()
     if t.ood_class is not None:
         images = images[labels != t.ood_class]
         ood = val_images[val_labels == t.ood_class][: t.eval_examples]
         keep = val_labels != t.ood_class
         val_images, val_labels, val_factors = val_images[keep], val_labels[keep], val_factors[keep]
     else:
-        rng = np.random.default_rng(t.seed)
+        rng = np.random.default_rng([t.seed, ("val", "test").index(split)])
         ood = rng.integers(0, 256, size=(min(t.eval_examples, len(val_images)), *manifest.shape), dtype=np.uint8)
     n = t.eval_examples
     return {"train": images, "eval_images": val_images[:n], "eval_factors": val_factors[:n],
@@ -116,13 +136,19 @@ def reported_metrics(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param]
 # Trial side.
 
 
-def trial_seed(base: int, sampled: Mapping[str, Any], trial_id: str) -> int:
+def trial_seed(base: int, sampled: Mapping[str, Any], trial_id: str, grid_keys: tuple[str, ...] = (),
+               grid_size: int = 1) -> int:
     """A seed fixed by the sampled values and the trial's number, so a search run again (e.g. with and without ASHA)
     trains each trial the same way, while repeats of one grid point (num_samples > 1) get their own seeds. Random
-    search numbers its trials `<prefix>_00003`; Optuna's ids carry no number and its values do not repeat."""
+    search numbers its trials `<prefix>_00003`; Optuna's ids carry no number and its values do not repeat.
+
+    Values searched by grid (`grid_keys`, `grid_size` points) are left out of the key and the replicate is the trial
+    number over the grid size (Tune runs the whole grid once per sample): the k-th repeat of every grid point gets
+    the same seed, so e.g. priors compared on a grid are compared on paired seeds."""
     number = trial_id.rsplit("_", 1)[-1]
-    replicate = int(number) if "_" in trial_id and number.isdigit() else 0
-    key = json.dumps(sampled, sort_keys=True, default=str) + f"#{replicate}"
+    replicate = int(number) // grid_size if "_" in trial_id and number.isdigit() else 0
+    kept = {k: v for k, v in sampled.items() if k not in grid_keys}
+    key = json.dumps(kept, sort_keys=True, default=str) + f"#{replicate}"
     return (base + zlib.crc32(key.encode())) % 2**31
 
 
@@ -149,9 +175,10 @@ def train_epoch(model, optimizers, images: np.ndarray, steps: int, batch_size: i
 
 
 @torch.no_grad()
-def evaluate(model, data: dict, discrete: tuple[int, ...], device: torch.device) -> dict[str, float]:
-    """PSNR of reconstructions, DCI of the encoder means, OoD AUROCs and (GMP, labels) clustering NMI/ARI."""
-    from vae.factor_metrics import clustering_scores, dci, ood_auroc, psnr
+def evaluate(model, data: dict, discrete: tuple[int, ...], device: torch.device, seed: int = 0) -> dict[str, float]:
+    """PSNR of reconstructions, the collapse check, the prior's health, DCI of the encoder means (forest split
+    seeded by `seed`), OoD AUROCs (critic, prior baseline, reconstruction error) and (GMP, labels) NMI/ARI."""
+    from vae.factor_metrics import clustering_scores, collapse_check, dci, ood_auroc
 
     model.eval()
     try:
@@ -162,14 +189,21 @@ def evaluate(model, data: dict, discrete: tuple[int, ...], device: torch.device)
             raise FloatingPointError("the encoder's means are not finite: the trial diverged; lower gwae.lr or "
                                      "narrow the space's learning-rate range")
         x_hat = model.decode(mu)
-        out = {"psnr": psnr(x, x_hat).mean().item()}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            samples = model.sample(min(len(x), 1000))
+        report = collapse_check(x, x_hat, samples)
+        out = {k: float(report[k]) for k in ("psnr", "recon_spread", "data_spread", "sample_spread",
+                                              "mean_image_psnr", "collapsed")}
+        out.update(model.prior_health())
         out["auroc"] = ood_auroc(model.ood_score(x).cpu(), model.ood_score(ood).cpu())
+        out["auroc_prior"] = ood_auroc(model.prior_nll_score(x).cpu(), model.prior_nll_score(ood).cpu())
         sse_in = 0.5 * (x - x_hat).pow(2).flatten(1).sum(1)
         sse_out = 0.5 * (ood - model.reconstruct(ood)).pow(2).flatten(1).sum(1)
         out["auroc_recon"] = ood_auroc(sse_in.cpu(), sse_out.cpu())
         factors = data["eval_factors"]
         if factors.shape[1] >= 2:
-            scores = dci(mu.cpu(), factors, discrete_factors=discrete)
+            scores = dci(mu.cpu(), factors, discrete_factors=discrete, seed=seed)
             out.update(dci=scores["disentanglement"], dci_completeness=scores["completeness"],
                        dci_informativeness=scores["informativeness"])
         labels = data["eval_labels"]
@@ -182,6 +216,13 @@ def evaluate(model, data: dict, discrete: tuple[int, ...], device: torch.device)
 
 def objective(metrics: Mapping[str, float], weights: Mapping[str, float]) -> float:
     return float(sum(w * metrics[m] for m, w in weights.items()))
+
+
+def selection_score(metrics: Mapping[str, float], metric: str, mode: str) -> float:
+    """What ASHA cuts on and checkpoints are ranked by: `metric`, or the worst value when the epoch collapsed."""
+    if metrics.get("collapsed"):
+        return -COLLAPSED_SCORE if mode == "max" else COLLAPSED_SCORE
+    return float(metrics[metric])
 
 
 def save_checkpoint(directory: Path, model, optimizers, epoch: int, gen: torch.Generator, sampled: dict) -> None:
@@ -211,7 +252,7 @@ def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
     t = cfg.tune
     torch.set_num_threads(max(1, int(t.cpus_per_trial)))  # trials share the cores; torch would take them all
     device = torch.device("cuda" if t.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
-    seed = trial_seed(t.seed, config, tune.get_context().get_trial_id())
+    seed = trial_seed(t.seed, config, tune.get_context().get_trial_id(), plan.grid_keys, plan.grid_size)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = GWAE(cfg.gwae).to(device)
@@ -227,11 +268,20 @@ def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
         gen.set_state(payload["generator"])
         torch.set_rng_state(payload["torch_rng"])
         epoch = payload["epoch"]
+    init_metric = math.nan
+    if epoch == 0:  # the metric at random initialisation: what ASHA's cuts must rise above to mean anything
+        with torch.random.fork_rng(devices=[]):
+            at_init = evaluate(model, data, plan.discrete_factors, device, seed=seed)
+        at_init["objective"] = objective(at_init, t.objective_weights)
+        init_metric = float(at_init.get(t.metric, math.nan))
     while epoch < t.epochs:
         metrics = train_epoch(model, optimizers, data["train"], plan.steps_per_epoch, t.batch_size, gen, device)
-        metrics.update(evaluate(model, data, plan.discrete_factors, device))
+        metrics.update(evaluate(model, data, plan.discrete_factors, device, seed=seed + epoch))
         epoch += 1
         metrics.update(epoch=epoch, objective=objective(metrics, t.objective_weights))
+        if epoch == 1:
+            metrics["metric_at_init"] = init_metric
+        metrics["selection"] = selection_score(metrics, t.metric, t.mode)
         with tempfile.TemporaryDirectory(prefix="vaepipe-tune-") as d:
             save_checkpoint(Path(d), model, optimizers, epoch, gen, config)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -285,10 +335,23 @@ def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, 
     class ProgressLines(Callback):
         """One line per trial result and per trial end, instead of Ray's table."""
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.alarmed: set[str] = set()
+
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            extra = "  ".join(f"{k} {result[k]:.4g}" for k in ("psnr", "dci", "auroc") if k in result)
+            from vae.gwae import KURTOSIS_ALARM
+
+            extra = "  ".join(f"{k} {result[k]:.4g}" for k in ("psnr", "dci", "auroc", "auroc_prior") if k in result)
+            state = "  COLLAPSED" if result.get("collapsed") else ""
             print(f"[tune] trial {trial.trial_id}  epoch {result['epoch']}/{epochs}  {metric} {result[metric]:.4g}"
-                  f"  {extra}", flush=True)
+                  f"  {extra}{state}", flush=True)
+            kurtosis = result.get("prior_kurtosis_max", 0.0)
+            if kurtosis > KURTOSIS_ALARM and trial.trial_id not in self.alarmed:
+                self.alarmed.add(trial.trial_id)
+                print(f"[tune] warning: trial {trial.trial_id}'s prior has heavy tails (a marginal's excess kurtosis "
+                      f"{kurtosis:.1f} > {KURTOSIS_ALARM:g}, |z| up to {result.get('prior_max_abs_z', 0):.0f}σ): it "
+                      f"is shrinking latent distances instead of learning c; check gwae.lr_distance_coef", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             done = int((trial.last_result or {}).get("epoch", 0))
@@ -382,7 +445,13 @@ def run_tune(
     if steps < 1 or t.batch_size < 2:
         raise ConfigError(f"tune.batch_size: {t.batch_size} needs 2 <= batch_size <= the {len(data['train'])} "
                           f"training images (GWAE compares pairs within a batch)")
-    plan = TunePlan(cfg.to_dict(), steps, discrete_factors(data["eval_factors"]))
+    if len(data["eval_images"]) < min(t.eval_examples, 2000):
+        print(f"[tune] note: {len(data['eval_images'])} validation images for DCI and PSNR (tune.eval_examples "
+              f"{t.eval_examples}); fewer than 2,000 make DCI noisy: prepare more examples", flush=True)
+    test_data = load_trial_data(cfg, manifest, "test") if manifest.splits.get("test", 0) >= 2 else None
+    grid = {k: p for k, p in space.items() if p.type == "grid"}
+    plan = TunePlan(cfg.to_dict(), steps, discrete_factors(data["eval_factors"]), grid_keys=tuple(grid),
+                    grid_size=math.prod(len(p.values) for p in grid.values()))
     space_file = next(iter(space.values())).file
     tracker = tracker or Tracker.connect(cfg.tracking)
     storage = storage_path(cfg.tune.storage_path, cfg.tracking.workdir)
@@ -438,7 +507,7 @@ def run_tune(
                        f"continue it with `vaepipe tune CONFIG --resume`")
             print(f"[tune] {message}", flush=True)
             raise KeyboardInterrupt(message)
-        stage_result = finish(cfg, tracker, run_id, results, space, data)
+        stage_result = finish(cfg, tracker, run_id, results, space, data, test_data, plan.discrete_factors)
     return stage_result
 
 
@@ -456,7 +525,7 @@ def _tune_config(t):
     scheduler = None
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
-    return tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
+    return tune.TuneConfig(metric="selection", mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
                            trial_dirname_creator=_trial_dirname, **search,
                            reuse_actors=True)  # trials share one signature: skip a process start (torch import) each
 
@@ -468,7 +537,7 @@ def _run_config(t, name: str, storage: str, callbacks: list):
     return tune.RunConfig(
         name=name, storage_path=storage, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="selection",
                                                 checkpoint_score_order=t.mode),
     )
 
@@ -477,8 +546,9 @@ def _run_config(t, name: str, storage: str, callbacks: list):
 # After the search: the table, the plot, the best model.
 
 # The last reported values kept in the result table, and logged as best/<name> for the best trial.
-_LAST_COLUMNS = ("objective", "psnr", "dci", "dci_completeness", "dci_informativeness", "auroc", "auroc_recon",
-                 "nmi", "ari", "distance_coef", "loss")
+_LAST_COLUMNS = ("objective", "psnr", "dci", "dci_completeness", "dci_informativeness", "auroc", "auroc_prior",
+                 "auroc_recon", "nmi", "ari", "distance_coef", "loss", "collapsed", "prior_kurtosis_max",
+                 "recon_spread", "data_spread")
 
 
 def result_table(results, space: Mapping[str, tune_spaces.Param], metric: str, mode: str, epochs: int):
@@ -493,7 +563,8 @@ def result_table(results, space: Mapping[str, tune_spaces.Param], metric: str, m
                                f"best_{metric}": math.nan}
         row.update({key: (r.config or {}).get(key) for key in space})
         if history is not None and metric in history:
-            best = history[metric].max() if mode == "max" else history[metric].min()
+            usable = history[history["collapsed"] == 0] if "collapsed" in history else history
+            best = usable[metric].max() if mode == "max" else usable[metric].min()  # nan when every epoch collapsed
             row.update(epochs=int(history["epoch"].max()), **{f"best_{metric}": float(best)})
         row.update({k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) and k in _LAST_COLUMNS})
         done = row["epochs"]
@@ -539,9 +610,28 @@ def objective_plot(table, space: Mapping[str, tune_spaces.Param], metric: str) -
     return buf.getvalue()
 
 
-def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict) -> StageResult:
-    """Log the result table (Parquet, CSV) and plot, list failed trials, load the best trial's best checkpoint, log
-    its sample and reconstruction grids and its model, and register it as `<name>-gwae` with alias `candidate`."""
+def asha_check(results, metric: str, grace_period: int) -> tuple[int, int]:
+    """(trials whose `metric` at the grace period was above its value at initialisation, trials that reached the
+    grace period): ASHA's first cut compares trials there, and a cut on a metric still at its initial value is a
+    cut on noise."""
+    above = reached = 0
+    for r in results:
+        h = r.metrics_dataframe
+        if h is None or metric not in h or "metric_at_init" not in h or not (h["epoch"] == grace_period).any():
+            continue
+        reached += 1
+        init = h["metric_at_init"].dropna()
+        at_grace = float(h.loc[h["epoch"] == grace_period, metric].iloc[-1])
+        above += bool(len(init)) and at_grace > float(init.iloc[0])
+    return above, reached
+
+
+def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict,
+           test_data: dict | None = None, discrete: tuple[int, ...] = ()) -> StageResult:
+    """Log the result table (Parquet, CSV) and plot, list failed and collapsed trials, pick the best non-collapsed
+    (trial, epoch) on validation data, measure it again on the test split (`best/*`), log its sample and
+    reconstruction grids and its model, and register it as `<name>-gwae` with alias `candidate`. When every trial
+    collapsed, nothing is registered."""
     from pipelines.serving import describe_version
     from vae.gwae import GWAE, GWAEConfig
     from vae.metrics import reconstruction_grid, sample_grid
@@ -557,13 +647,30 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
         (Path(d) / "objective_vs_params.png").write_bytes(objective_plot(table, space, t.metric))
         tracker.log_artifacts(run_id, d, "results")
     trial_epochs = int(table["epochs"].sum())
-    tracker.log_metrics(run_id, {"trials": len(table), "failed_trials": len(failed), "trial_epochs": trial_epochs,
-                                 "stopped_early": int((table["outcome"] == "stopped_early").sum())}, step=0)
+    collapsed = int(table["collapsed"].fillna(0).astype(bool).sum()) if "collapsed" in table else 0
+    counts = {"trials": len(table), "failed_trials": len(failed), "trial_epochs": trial_epochs,
+              "stopped_early": int((table["outcome"] == "stopped_early").sum()), "collapsed_trials": collapsed}
+    if t.scheduler == "asha":
+        above, reached = asha_check(results, t.metric, t.grace_period)
+        counts["asha_above_init"] = above
+        if reached and above < reached:
+            print(f"[tune] warning: at ASHA's grace period ({t.grace_period} epochs) {t.metric} was above its value "
+                  f"at initialisation in only {above} of {reached} trials; cuts there rank noise: raise "
+                  f"tune.grace_period or tune.steps_per_epoch", flush=True)
+    tracker.log_metrics(run_id, counts, step=0)
     if len(failed) == len(table):
         raise SearchError(f"every one of the {len(table)} trials failed; first error: {failed.iloc[0]['error']}. "
                           f"Fix the cause, then `vaepipe tune CONFIG --resume` re-runs them")
-    best = results.get_best_result(t.metric, t.mode, scope="all", filter_nan_and_inf=True)
-    checkpoint = best.get_best_checkpoint(t.metric, t.mode)
+    best = results.get_best_result("selection", t.mode, scope="all", filter_nan_and_inf=True)
+    history = best.metrics_dataframe
+    best_row = history.loc[history["selection"].idxmax() if t.mode == "max" else history["selection"].idxmin()]
+    if bool(best_row.get("collapsed", 0)):
+        print(f"[tune] {len(table)} trials ({len(failed)} failed, {collapsed} collapsed): every trained epoch "
+              f"collapsed (reconstructions that ignore the input, or samples without variety); nothing registered. "
+              f"Train longer (tune.epochs, tune.steps_per_epoch) or narrow the space", flush=True)
+        tracker.set_tags(run_id, {"vaepipe.best_trial": "none (all collapsed)"})
+        return StageResult(STAGE, run_id, metrics={"collapsed_trials": float(collapsed)})
+    checkpoint = best.get_best_checkpoint("selection", t.mode)
     if checkpoint is None:
         raise SearchError(f"the best trial ({best.path}) kept no checkpoint; raise tune.keep_checkpoints")
     with checkpoint.as_directory() as d:
@@ -571,9 +678,15 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
     model, sampled = GWAE(GWAEConfig.from_dict(payload["gwae"])), payload["sampled"]
     model.load_state_dict(payload["model"])
     model.eval()
-    history = best.metrics_dataframe
-    best_row = history.loc[history[t.metric].idxmax() if t.mode == "max" else history[t.metric].idxmin()]
-    best_metrics = {f"best/{k}": float(best_row[k]) for k in _LAST_COLUMNS if k in best_row}
+    if test_data is not None:  # the chosen model on data no choice has seen
+        measured = evaluate(model, test_data, discrete, torch.device("cpu"), seed=t.seed)
+        measured["objective"] = objective(measured, t.objective_weights)
+        best_metrics = {f"best/{k}": float(measured[k]) for k in TEST_METRICS if k in measured}
+    else:
+        best_metrics = {f"best/{k}": float(best_row[k]) for k in _LAST_COLUMNS if k in best_row}
+    best_metrics[f"best/val_{t.metric}"] = float(best_row[t.metric])
+    best_metrics["best/epoch"] = float(best_row["epoch"])
+    best_metrics["collapsed_trials"] = float(collapsed)
     tracker.log_metrics(run_id, best_metrics, step=int(best_row["epoch"]))
     best_id = Path(best.path).name.removeprefix("trial_")
     tracker.log_params(run_id, {f"best.{k}": v for k, v in sampled.items()})
@@ -586,8 +699,16 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
     version = tracker.register_model(logged_uri, name, alias="candidate",
                                      tags={"vaepipe.run_id": run_id, "vaepipe.trial_id": best_id})
     describe_version(tracker, name, version, cfg, run_id)
-    print(f"[tune] {len(table)} trials ({len(failed)} failed, {trial_epochs} trial-epochs); best trial {best_id} "
-          f"{t.metric} {best_row[t.metric]:.4g} at epoch {int(best_row['epoch'])} with {sampled}", flush=True)
+    print(f"[tune] {len(table)} trials ({len(failed)} failed, {collapsed} collapsed, {trial_epochs} trial-epochs); "
+          f"best trial {best_id} (chosen on val: {t.metric} {best_row[t.metric]:.4g} at epoch "
+          f"{int(best_row['epoch'])}) with {sampled}", flush=True)
+    if test_data is not None:
+        m = best_metrics
+        dci_text = f"dci {m['best/dci']:.3f}  " if "best/dci" in m else ""
+        print(f"[tune] best model on the test split: psnr {m['best/psnr']:.2f} dB (mean image "
+              f"{m['best/mean_image_psnr']:.2f})  reconstruction spread {m['best/recon_spread']:.3f} vs data "
+              f"{m['best/data_spread']:.3f}  {dci_text}OoD auroc {m['best/auroc']:.3f} (critic), "
+              f"{m['best/auroc_prior']:.3f} (prior baseline)", flush=True)
     print(f"[tune] registered {name} version {version} (alias candidate): models:/{name}@candidate", flush=True)
     return StageResult(STAGE, run_id, model_uri=f"models:/{name}@candidate", registered_model=name,
                        registered_version=str(version),

@@ -27,7 +27,16 @@ def test_every_shipped_space_loads_fits_the_demo_config_and_names_its_command(na
     assert space and all(key.startswith("gwae.") for key in space)
     tune_spaces.check_values(space, load_config(REPO / "configs" / "demo.yaml"))
     domains = tune_spaces.to_tune_space(space)
-    assert set(domains) == set(space) and all(isinstance(d, Domain) for d in domains.values())
+    assert set(domains) == set(space)
+    assert all(isinstance(d, Domain) or list(d) == ["grid_search"] for d in domains.values())
+    if any(p.type == "grid" for p in space.values()):  # Optuna cannot run a grid: the command must say random
+        assert "tune.search=random" in first
+
+
+def test_the_priors_space_is_a_grid_of_priors_with_everything_else_fixed():
+    space = tune_spaces.load_space("gwae_priors")
+    assert list(space) == ["gwae.prior"] and space["gwae.prior"].type == "grid"
+    assert {"fnp", "gaussian", "uniform"} <= set(space["gwae.prior"].values)
 
 
 def test_shipped_names_cover_the_weights_and_priors_spaces():
