@@ -193,7 +193,7 @@ def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1
     Fréchet distance in vaepipe's own features (`fd_vaepipe`, extractor trained once per dataset and reused), and
     Inception FID/KID only when `inception_weights` (a path or an MLflow artifact URI) is given."""
     from pipelines.data import load_split, read_manifest
-    from vae.metrics import bits_per_dim, importance_weighted_nll
+    from vae.metrics import bits_per_dim
 
     model = load_registered(tracker, model_uri)
     model.eval()
