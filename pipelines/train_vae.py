@@ -704,7 +704,8 @@ def run_train(
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     cause = getattr(error, "worker_failures", None)
-    if isinstance(cause, dict) and cause:
+    lost = any(word in text.lower() for word in ("health check", "died", "killed"))
+    if isinstance(cause, dict) and cause and not lost:  # else Ray's own summary says a worker was lost
         text = str(next(iter(cause.values()))).strip() or text
     return (text.splitlines() or [type(error).__name__])[-1][:300]
 
