@@ -236,3 +236,51 @@ def test_train_with_an_absurd_learning_rate_ends_with_the_designed_message(ray_l
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert any(math.isnan(v) for v in losses)  # the non-finite values reached MLflow
     assert not client.get_metric_history(run.info.run_id, "train/resumed_from_step")  # never retried
+
+
+@pytest.mark.slow
+def test_lost_workers_past_max_failures_say_how_to_resume(ray_local, digits16, mlflow_store, tmp_path):
+    import json
+    import signal
+    import threading
+
+    from mlflow import MlflowClient
+
+    from pipelines.config import load_config
+    from pipelines.train_vae import TrainingError, run_train
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"data.path={digits16}", f"tracking.workdir={mlflow_store.workdir}",
+        f"tracking.tracking_uri={mlflow_store.tracking_uri}",
+        f"tracking.artifact_location={mlflow_store.artifact_location}", f"train.storage_path={tmp_path / 'ray'}",
+        "train.epochs=2", "train.log_every_steps=2", "train.checkpoint_every_steps=4", "train.val_iw_examples=16",
+        "train.max_failures=0"])
+    killed: dict = {}
+
+    def killer():
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            for hb in (tmp_path / "ray").glob("*/heartbeat/rank1.json"):
+                try:
+                    info = json.loads(hb.read_text())
+                except (OSError, ValueError):
+                    continue
+                if info["step"] >= 6:
+                    os.kill(info["pid"], signal.SIGKILL)
+                    killed.update(info)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    with pytest.raises(TrainingError) as e:
+        run_train(cfg)
+    thread.join(timeout=1)
+    assert killed, "the test never saw rank 1 pass step 6"
+    msg = str(e.value)
+    print(f"\n[figure] a worker SIGKILL with train.max_failures=0: {msg}")
+    assert "max_failures=0" in msg and "vaepipe train CONFIG --resume" in msg
+    client = MlflowClient(mlflow_store.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("vaepipe/demo").experiment_id],
+                             "tags.`vaepipe.stage` = 'train'")[0]
+    assert run.info.status == "FAILED"  # resumable: --resume picks the newest run that did not finish

@@ -8,6 +8,7 @@ every Ray on a shared machine, including other test sessions').
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import os
 import shlex
@@ -250,9 +251,15 @@ def _kill_leftovers(marker: str) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` on loopback with its own ports, temp dir and process group, token auth off."""
+    with _started_head({"RAY_AUTH_MODE": "disabled"}) as head:
+        yield head
+
+
+@contextlib.contextmanager
+def _started_head(auth_env: dict[str, str]):
     temp_dir = tempfile.mkdtemp(prefix="vps", dir="/tmp")  # short: unix socket paths are limited to ~107 chars
     dash = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **auth_env,
                PATH=f"{VENV_BIN}:{os.environ['PATH']}")  # jobs find `python` and `vaepipe` of this venv
     env.pop("RAY_ADDRESS", None)
     cmd = [
@@ -276,7 +283,9 @@ def ray_head():
             try:
                 submit.connect(address, timeout_s=1.0)
                 break
-            except UserError:
+            except UserError as e:
+                if "token authentication" in str(e):  # a token head answers: ready for token holders
+                    break
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
@@ -426,3 +435,24 @@ def test_real_pipeline_run_through_submit(ray_head, capfd):
         print(submit.tail(out.out, 12))
     assert code == 0, out.err[-3000:]
     assert "RUNNING after" in out.out and "SUCCEEDED" in out.out
+
+
+@pytest.mark.slow
+def test_submit_to_a_token_auth_head_sends_the_token(project, tmp_path):
+    """A head started with RAY_AUTH_MODE=token: `vaepipe submit` without the token is told how to send it; with
+    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN the job runs (and the token is not forwarded into the job's env)."""
+    token = "vaepipe-test-token-" + os.urandom(8).hex()
+    with _started_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as head:
+        (project / "pyproject.toml").write_text("[project]\nname='p'\n")
+        shutil.copy(REPO / "configs/demo.yaml", project / "demo.yaml")
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "MLFLOW_"))}
+        base["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+        cmd = [str(VENV_BIN / "vaepipe"), "submit", str(project / "demo.yaml"), "--address", head.address,
+               "--no-pip", "--no-wait"]
+        refused = subprocess.run(cmd, env=base, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "requires token authentication" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        sent = subprocess.run(cmd, env={**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                              capture_output=True, text=True, timeout=300)
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        assert "submitted" in sent.stdout and token not in sent.stdout + sent.stderr
