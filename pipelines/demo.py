@@ -1,6 +1,6 @@
 """`make demo`: the embedded default on one machine, from `configs/demo.yaml`.
 
-Prepares both offline data sets (digits for the NVAE stages, procedural shapes for the GWAE search) whatever stages
+Prepares both offline data sets (digits for the NVAE stages, the regions factor set for the GWAE search) whatever stages
 the config names, then runs the pipeline (`vaepipe run`) on a local Ray with the sqlite tracking store, and prints
 where the results are and how to open them.
 """
@@ -30,6 +30,11 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
     print(f"\nDemo finished in {time.perf_counter() - t0:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n")
     print(summary_table(results))
+    for r in results:
+        if r.stage == "tune":
+            from pipelines.tune_gwae import summary_line
+
+            print(summary_line(r))
     print("\nWhere the results are:")
     for data in datasets:
         print(f"  data       {Path(data.path).resolve()}   (vaepipe data inspect {data.path})")

@@ -141,5 +141,10 @@ def main_run(config_path: str, overrides: list[str], resume: str | None, address
     print(f"\nPipeline run {parent} finished in {time.perf_counter() - t0:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n")
     print(summary_table(results))
+    for r in results:
+        if r.stage == "tune":
+            from pipelines.tune_gwae import summary_line
+
+            print(summary_line(r))
     print(f"\nOpen the results:\n  {open_hint(uri)}\n  vaepipe runs list --config {config_path}")
     return 0

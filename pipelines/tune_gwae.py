@@ -715,6 +715,23 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
                        metrics={k.removeprefix("best/"): v for k, v in best_metrics.items()})
 
 
+def summary_line(result: StageResult) -> str:
+    """One line of what the tune stage left, for the pipeline's summary: the registered GWAE's test-split figures, or
+    that every trial collapsed."""
+    m = {k.removeprefix("best/"): v for k, v in result.metrics.items()}
+    collapsed = int(m.get("collapsed_trials", 0))
+    if not result.registered_model:
+        return f"GWAE: nothing registered ({collapsed} trial(s) collapsed)"
+    parts = [f"psnr {m['psnr']:.1f} dB (mean image {m['mean_image_psnr']:.1f})" if "psnr" in m else "",
+             f"reconstruction spread {m['recon_spread']:.3f} vs data {m['data_spread']:.3f}" if "recon_spread" in m
+             else "",
+             f"dci {m['dci']:.3f}" if "dci" in m else "",
+             f"OoD auroc {m['auroc']:.3f} critic / {m['auroc_prior']:.3f} prior baseline" if "auroc_prior" in m
+             else ""]
+    return (f"GWAE {result.registered_model} v{result.registered_version} on the test split: "
+            + ", ".join(p for p in parts if p) + f"; {collapsed} collapsed trial(s) never selected")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
