@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -279,17 +281,70 @@ def _gitignore_honoured() -> Iterator[None]:
             os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = saved
 
 
+# Secret environment variables reach the job in this package, not as runtime-env variables: Ray's runtime-env
+# agent logs every runtime env it creates, variables included, on each node (runtime_env_agent.log).
+JOB_ENV_MODULE = "vaepipe_job_env"
+_JOB_ENV_INIT = '''"""Environment of a vaepipe Ray job, shipped as a package because Ray logs runtime-env variables."""
+import json
+import os
+from pathlib import Path
+
+
+def load():
+    """Ray runs this in every worker of the job (worker_process_setup_hook)."""
+    for key, value in json.loads(Path(__file__).with_name("env.json").read_text()).items():
+        os.environ.setdefault(key, value)
+'''
+_JOB_ENV_MAIN = '''"""`python -m vaepipe_job_env COMMAND`: the job's entrypoint, run by a shell with the environment loaded."""
+import os
+import sys
+
+from . import load
+
+load()
+os.execvp("sh", ["sh", "-c", sys.argv[1]])
+'''
+
+
+def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(settings shown in clear, secrets): what may travel as runtime-env variables, and what may not."""
+    shown = {k: v for k, v in env.items() if k in SHOWN_ENV or k == "VAEPIPE_GIT_COMMIT"}
+    return shown, {k: v for k, v in env.items() if k not in shown}
+
+
+def write_job_env_package(secret_env: Mapping[str, str], parent: str | os.PathLike) -> Path:
+    """`parent/vaepipe_job_env/` holding `secret_env`, readable by this user only until Ray uploads it."""
+    package = Path(parent) / JOB_ENV_MODULE
+    package.mkdir(mode=0o700)
+    (package / "__init__.py").write_text(_JOB_ENV_INIT)
+    (package / "__main__.py").write_text(_JOB_ENV_MAIN)
+    fd = os.open(package / "env.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(dict(secret_env), f)
+    return package
+
+
+def wrap_entrypoint(entrypoint: str) -> str:
+    """The entrypoint run with the job's secret environment loaded first (`python -m vaepipe_job_env '...'`)."""
+    return f"python -m {JOB_ENV_MODULE} {shlex.quote(entrypoint)}"
+
+
 def build_runtime_env(
     working_dir: str | os.PathLike,
     env_vars: Mapping[str, str] | None = None,
     pip: Sequence[str] | None = (PROJECT_REQUIREMENT,),
+    secret_package: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """The job's runtime env: the uploaded directory, its pip requirements (None: none) and env vars."""
+    """The job's runtime env: the uploaded directory, its pip requirements (None: none), env vars shown in clear,
+    and the package of secret variables (see `write_job_env_package`) loaded in every worker."""
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(UPLOAD_EXCLUDES)}
     if pip:
         runtime_env["pip"] = list(pip)
     if env_vars:
         runtime_env["env_vars"] = dict(env_vars)
+    if secret_package is not None:
+        runtime_env["py_modules"] = [str(secret_package)]
+        runtime_env["worker_process_setup_hook"] = f"{JOB_ENV_MODULE}.load"
     return runtime_env
 
 
@@ -513,7 +568,14 @@ def _submit(args: argparse.Namespace) -> int:
         metadata["vaepipe.git_commit"] = commit
         env.setdefault("VAEPIPE_GIT_COMMIT", commit)  # .git is not uploaded: runs read the commit from here
     pip = ([] if args.no_pip else [PROJECT_REQUIREMENT]) + list(args.pip)
-    runtime_env = build_runtime_env(working_dir, env, pip or None)
+    shown_env, secret_env = split_env(env)
+    if secret_env:
+        metadata["vaepipe.secret_env"] = ",".join(sorted(secret_env))  # names only, for `vaepipe jobs status`
+    staging = tempfile.TemporaryDirectory(prefix="vaepipe-submit-")
+    package = write_job_env_package(secret_env, staging.name) if secret_env else None
+    runtime_env = build_runtime_env(working_dir, shown_env, pip or None, package)
+    if package is not None:
+        entrypoint = wrap_entrypoint(entrypoint)
     excluded = excluded_paths(working_dir)
 
     client = connect(args.address)
@@ -529,15 +591,16 @@ def _submit(args: argparse.Namespace) -> int:
     note = _tracking_note(cfg, env)
     if note:
         print(f"  note: {note}", file=sys.stderr)
-    job_id = submit_job(
-        address,
-        entrypoint,
-        runtime_env,
-        submission_id=args.submission_id,
-        entrypoint_num_cpus=args.entrypoint_num_cpus,
-        metadata=metadata,
-        client=client,
-    )
+    with staging:  # the secrets' package leaves this machine inside the upload, then goes
+        job_id = submit_job(
+            address,
+            entrypoint,
+            runtime_env,
+            submission_id=args.submission_id,
+            entrypoint_num_cpus=args.entrypoint_num_cpus,
+            metadata=metadata,
+            client=client,
+        )
     print(f"job {job_id} submitted")
     print(follow_up_commands(job_id, address), flush=True)
     if args.no_wait:

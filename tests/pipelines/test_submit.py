@@ -316,10 +316,15 @@ def project(tmp_path) -> Path:
         print("hello from vaepipe")
         print("uploaded:", " ".join(files))
         print("secret delivered:", os.environ.get("AWS_SECRET_ACCESS_KEY") == "sekrit-42")
+        if "--worker" in sys.argv:  # and to the job's Ray workers
+            import ray
+            ray.init()
+            seen = ray.get(ray.remote(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY") == "sekrit-42").remote())
+            print("secret delivered to workers:", seen)
         print("auth mode:", os.environ.get("RAY_AUTH_MODE"))
         for i in range(40):
             print(f"log line {i}")
-        sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+        sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 0)
     """))
     for rel in ("runs/mlflow.db", "data/big.bin", ".venv/bin/python", "checkpoints/c.pt", "sub/model.ckpt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -328,12 +333,16 @@ def project(tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_job_succeeds_streams_its_logs_and_gets_the_env(ray_head, project, capfd):
-    env = submit.forwarded_env({"AWS_SECRET_ACCESS_KEY": "sekrit-42", "PATH": "/x"})
+def test_job_succeeds_streams_its_logs_and_gets_the_env(ray_head, project, capfd, tmp_path):
+    env = submit.forwarded_env({"AWS_SECRET_ACCESS_KEY": "sekrit-42", "AWS_REGION": "eu-west-1", "PATH": "/x"})
+    shown, secret = submit.split_env(env)
+    assert shown == {"AWS_REGION": "eu-west-1"} and secret == {"AWS_SECRET_ACCESS_KEY": "sekrit-42"}
+    package = submit.write_job_env_package(secret, tmp_path)
     client = submit.connect(ray_head.address)
     t0 = time.monotonic()
-    job_id = submit.submit_job(ray_head.address, "python hello.py", submit.build_runtime_env(project, env, None),
-                               client=client, metadata={"vaepipe.config": "none"})
+    job_id = submit.submit_job(ray_head.address, submit.wrap_entrypoint("python hello.py --worker"),
+                               submit.build_runtime_env(project, shown, None, package),
+                               client=client, metadata={"vaepipe.config": "none", "vaepipe.secret_env": "AWS_SECRET_ACCESS_KEY"})
     status, waited = submit.wait_until_started(client, job_id, poll_s=0.05)
     to_running = time.monotonic() - t0
     assert status == "RUNNING"
@@ -345,6 +354,12 @@ def test_job_succeeds_streams_its_logs_and_gets_the_env(ray_head, project, capfd
     assert code == 0
     assert "hello from vaepipe" in out and f"job {job_id} SUCCEEDED" in out
     assert "secret delivered: True" in out and "auth mode: disabled" in out
+    assert "secret delivered to workers: True" in out
+    # Ray logs every runtime env it creates (runtime_env_agent.log): the secret is in none of the head's logs.
+    logs = [p for p in Path(ray_head.temp_dir).rglob("*") if p.is_file() and not p.is_symlink() and "logs" in p.parts]
+    assert any(p.name.startswith("runtime_env_agent") for p in logs)
+    leaked = [str(p) for p in logs if b"sekrit-42" in p.read_bytes()]
+    assert not leaked, leaked
     uploaded = next(ln for ln in out.splitlines() if ln.startswith("uploaded:")).split()[1:]
     assert "hello.py" in uploaded
     left_behind = ("runs", "data", ".venv", "checkpoints")
@@ -360,7 +375,7 @@ def test_job_succeeds_streams_its_logs_and_gets_the_env(ray_head, project, capfd
     assert f"job {job_id} SUCCEEDED" in capfd.readouterr().out
     assert _cli(["jobs", "list", "--address", ray_head.address]) == 0
     listing = capfd.readouterr().out
-    assert job_id in listing and "python hello.py" in listing
+    assert job_id in listing and "hello.py" in listing
 
 
 @pytest.mark.slow
