@@ -108,7 +108,10 @@ def resolve_tracking_uri(cfg: "TrackingConfig") -> str:
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (inherited by a local Ray started afterwards)."""
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return take_uri_credentials(uri)
+        clean = take_uri_credentials(uri)
+        if not cfg.tracking_uri and clean != uri:
+            os.environ["MLFLOW_TRACKING_URI"] = clean  # every process started from here inherits it, password-free
+        return clean
     return f"sqlite:///{_checked_workdir(cfg.workdir) / 'mlflow.db'}"
 
 
