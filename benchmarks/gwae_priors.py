@@ -43,7 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--z-dim", type=int, default=4, help="latent dimensions (default 4, the number of factors)")
     p.add_argument("--old-c-seeds", type=int, default=4, help="FNP runs with the reference's c handling (default 4)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default 2)")
-    p.add_argument("--out", default=None, help="write every run's figures to this JSON file")
+    p.add_argument("--out", default=None, help="write every run's figures to this JSON file, run by run")
+    p.add_argument("--summarise", default=None, metavar="JSON", help="only print the summary of a (partial) --out file")
     return p.parse_args()
 
 
@@ -98,8 +99,16 @@ def paired(runs: list[dict], a: str, b: str) -> tuple[float, float, float, int]:
 
 def main() -> None:
     args = parse_args()
-    jobs = [dict(prior=p, seed=s, old_c=False) for s in range(args.seeds) for p in PRIORS]
-    jobs += [dict(prior="fnp", seed=s, old_c=True) for s in range(args.old_c_seeds)]
+    if args.summarise:
+        with open(args.summarise) as f:
+            saved = json.load(f)
+        summarise(saved["runs"], argparse.Namespace(**saved["args"]), saved.get("wall_s", math.nan))
+        return
+    # Seed by seed (the old-c run beside its seed's FNP), so a run cut short still holds whole pairs.
+    jobs = []
+    for s in range(args.seeds):
+        jobs += [dict(prior=p, seed=s, old_c=False) for p in PRIORS]
+        jobs += [dict(prior="fnp", seed=s, old_c=True)] if s < args.old_c_seeds else []
     common = dict(steps=args.steps, critic_steps=args.critic_steps, lr=args.lr, z_dim=args.z_dim)
     jobs = [{**j, **common} for j in jobs]
     print(f"{len(jobs)} runs of {args.steps} steps (batch 64, {args.critic_steps} critic steps, lr {args.lr:g}, "
@@ -114,13 +123,21 @@ def main() -> None:
                   f"(mean image {r['mean_image_psnr']:.1f}){'  COLLAPSED' if r['collapsed'] else ''}  kurtosis max "
                   f"{r['prior_kurtosis_max']:.2f}  |z| max {r['prior_max_abs_z']:.1f}  c {r['c']:.3f}  "
                   f"{r['cpu_s']:.0f} s cpu", flush=True)
-    wall = time.perf_counter() - t0
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({"args": vars(args), "runs": runs, "wall_s": time.perf_counter() - t0}, f, indent=1)
+    summarise(runs, args, time.perf_counter() - t0)
+
+
+def summarise(runs: list[dict], args: argparse.Namespace, wall: float) -> None:
     cpu = sum(r["cpu_s"] for r in runs)
 
     print(f"\nper prior (mean ± sd over seeds)")
     groups = [(p, False) for p in PRIORS] + ([("fnp", True)] if args.old_c_seeds else [])
     for prior, old in groups:
         rs = [r for r in runs if r["prior"] == prior and r["old_c"] == old]
+        if not rs:
+            continue
         cells = "  ".join(f"{k} {np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs]):.3f}"
                           for k in ("D", "C", "I", "psnr", "prior_kurtosis_max", "prior_max_abs_z"))
         collapsed = sum(r["collapsed"] for r in rs)
@@ -130,10 +147,7 @@ def main() -> None:
         mean, lo, hi, n = paired(runs, a, b)
         print(f"  D_{a} − D_{b}: {mean:+.3f}  [{lo:+.3f}, {hi:+.3f}]  (n = {n} pairs)")
     print(f"\nwall {wall:.0f} s on this machine ({os.cpu_count()} cores, shared); {cpu:.0f} s of CPU in the runs, "
-          f"≈ {cpu / args.workers:.0f} s on {args.workers} idle cores", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "runs": runs, "wall_s": wall}, f, indent=1)
+          f"≈ {cpu / 2:.0f} s on 2 idle cores", flush=True)
 
 
 if __name__ == "__main__":
