@@ -35,6 +35,7 @@ mlflow) is imported at the top, and the rest of vaepipe only inside the function
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import io
@@ -313,8 +314,25 @@ def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> Ge
     device = (model_config or {}).get("device") or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
     if not device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = mlflow.pytorch.load_model(path, map_location=device)
+    with _quiet_copies():
+        model = mlflow.pytorch.load_model(path, map_location=device)
     return GenerativeModelServer(model, device)
+
+
+@contextlib.contextmanager
+def _quiet_copies():
+    """MLflow copies a local model directory before loading it, with a progress bar per copy that would land in
+    every server log and stage output: off while inside."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 # ---------------------------------------------------------------------------------------------------- logging
@@ -367,12 +385,22 @@ def log_model(model: torch.nn.Module, name: str, run_id: str, model_id: str | No
     with tempfile.TemporaryDirectory() as tmp:
         loader = Path(tmp) / f"{LOADER_MODULE}.py"
         shutil.copyfile(Path(__file__).resolve(), loader)
-        return Model.log(artifact_path=None, name=name, flavor=sys.modules[__name__], run_id=run_id, model_id=model_id,
-                         pytorch_model=model, code_paths=[*code_paths, str(loader)],
-                         pip_requirements=list(pip_requirements), example_image=example)
+        with _quiet_copies():  # Model.log loads the model back to check its input example
+            return Model.log(artifact_path=None, name=name, flavor=sys.modules[__name__], run_id=run_id, model_id=model_id,
+                             pytorch_model=model, code_paths=[*code_paths, str(loader)],
+                             pip_requirements=list(pip_requirements), example_image=example)
 
 
 # ---------------------------------------------------------------------------------------------------- lineage
+
+
+def _manifest_sha256(data_path: str) -> str:
+    """sha256 of a prepared dataset's dataset.json bytes (what the `vaepipe.dataset` run tag abbreviates)."""
+    from pipelines.data.manifest import MANIFEST_NAME, join, resolve
+
+    fs, root = resolve(data_path)
+    with fs.open_input_stream(join(root, MANIFEST_NAME)) as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 class SplitDataset(MetaDataset):
@@ -398,12 +426,11 @@ def _split_datasets(data_path: str, splits: Sequence[str]) -> list:
     from mlflow.types.schema import Array
 
     from pipelines.data import read_manifest
-    from pipelines.data.manifest import MANIFEST_NAME, join, resolve
+    from pipelines.data.manifest import resolve
 
     manifest = read_manifest(data_path)
-    fs, root = resolve(data_path)
-    with fs.open_input_stream(join(root, MANIFEST_NAME)) as f:
-        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    manifest_sha = _manifest_sha256(data_path)
+    _, root = resolve(data_path)
     location = data_path.rstrip("/") if "://" in data_path else root
     schema = Schema([ColSpec("binary", "image"), ColSpec("long", "label", required=False),
                      ColSpec(Array("float"), "factors", required=False)])
@@ -485,14 +512,14 @@ def model_card(tracker, name: str, version: str, config: Any, run_id: str) -> st
     source_model = _pinned(tracker, tags.get("vaepipe.source_model", "none"))
     return f"""# {name} v{version}
 
-{what.capitalize()} for {c}x{h}x{w} images, made by the `{stage}` stage of vaepipe.
+{what[0].upper() + what[1:]} for {c}x{h}x{w} images, made by the `{stage}` stage of vaepipe.
 
 | | |
 | --- | --- |
 | recipe | `vaepipe {stage}` ({recipe}), config `{getattr(config, 'name', '?')}` |
 | config hash | `{tags.get('vaepipe.config_hash') or config_hash(config)}` (sha256 of the resolved config; `config.yaml` of the run) |
 | data | `{manifest.name}` at `{fs_path}`: {c}x{h}x{w}, {splits} |
-| data digest | `{tags.get('vaepipe.dataset', '?')}` (dataset.json); content sha256 `{manifest.sha256}` |
+| data digest | dataset.json sha256 `{_manifest_sha256(data_cfg.path)}`; content sha256 `{manifest.sha256}` (run tag `{tags.get('vaepipe.dataset', '?')}`) |
 | source model | {source_model if source_model != 'none' else 'none (trained from scratch)'} |
 | pipeline run | `{tags.get('vaepipe.pipeline_run', '?')}`; stage run `{run_id}` |
 | code | git `{tags.get('vaepipe.git_commit', 'unknown')}` |
