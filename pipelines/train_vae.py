@@ -165,7 +165,7 @@ def autocast(cfg: PipelineConfig, device: torch.device):
 
 
 def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor, cfg: PipelineConfig,
-                  device: torch.device, total_steps: int) -> dict[str, float]:
+                  device: torch.device, total_steps: int) -> dict[str, torch.Tensor | float]:
     """One update. Owns the loss, the non-finite check and the gradient skip with a cap on skips in a row.
 
     The skip decision reads the gradient norm after DDP's all-reduce, so every rank decides the same way."""
@@ -178,7 +178,8 @@ def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor
     state.scaler.unscale_(state.optimizer)
     # grad_clip = 0 measures the norm (for the skip rule and the logs) without clipping.
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.grad_clip or math.inf)
-    bad = not torch.isfinite(grad_norm).item() or (t.skip_grad_norm > 0 and grad_norm.item() > t.skip_grad_norm)
+    norm = grad_norm.item()  # the one device sync of a step that does not log
+    bad = not math.isfinite(norm) or (t.skip_grad_norm > 0 and norm > t.skip_grad_norm)
     if bad and not state.scaler.is_enabled():
         state.optimizer.zero_grad(set_to_none=True)
         state.skipped_total += 1
@@ -198,22 +199,40 @@ def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor
             state.ema.update_parameters(state.model)
     state.scheduler.step()
     state.step += 1
-    stats = {
-        "train/loss": out.loss.item(),
-        "train/nelbo": out.nelbo.mean().item(),
-        "train/recon": out.recon.mean().item(),
-        "train/kl": out.kl_per_group.sum(1).mean().item(),
-        "train/grad_norm": grad_norm.item(),
+    # Detached tensors, no device sync per step: the loop turns them into floats (step_metrics) on logging steps.
+    kl = out.kl_per_group.detach()
+    stats: dict[str, torch.Tensor | float] = {
+        "train/loss": out.loss.detach(),
+        "train/nelbo": out.nelbo.detach().mean(),
+        "train/recon": out.recon.detach().mean(),
+        "train/kl": kl.sum(1).mean(),
+        "train/grad_norm": grad_norm.detach(),
         "train/lr": state.optimizer.param_groups[0]["lr"],
+        "train/kl/group": kl.mean(0),  # (L,), logged as train/kl/group_NN
     }
-    kl_groups = out.kl_per_group.mean(0)
-    for i, v in enumerate(kl_groups.tolist()):
-        stats[f"train/kl/group_{i:02d}"] = v
     for key in ("beta", "lambda_sr", "sr_loss", "bn_loss", "cr_kl", "sigma", "equivalent_beta"):
         if key in out.stats:
             v = out.stats[key]
-            stats[f"train/{key}"] = float(v.mean().item() if torch.is_tensor(v) else v)
+            stats[f"train/{key}"] = v.detach().float().mean() if torch.is_tensor(v) else float(v)
     return stats
+
+
+def step_metrics(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """training_step's statistics as floats, read from the device in one transfer; the per-group KL (L,) becomes
+    train/kl/group_00 ... group_{L-1}."""
+    tensors = [v.reshape(-1).float() for v in stats.values() if torch.is_tensor(v)]
+    values = torch.cat(tensors).tolist() if tensors else []
+    metrics: dict[str, float] = {}
+    for key, v in stats.items():
+        if not torch.is_tensor(v):
+            metrics[key] = float(v)
+            continue
+        mine, values = values[: v.numel()], values[v.numel():]
+        if key == "train/kl/group":
+            metrics.update({f"train/kl/group_{i:02d}": x for i, x in enumerate(mine)})
+        else:
+            metrics[key] = mine[0]
+    return metrics
 
 
 def _rng_state() -> dict[str, Any]:
@@ -433,7 +452,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             want_ckpt = state.step % cfg.train.checkpoint_every_steps == 0 or stopping or end_of_epoch
             if state.step % cfg.train.log_every_steps == 0 or want_ckpt:
                 now = time.perf_counter()
-                metrics = dict(stats)
+                metrics = step_metrics(stats)
                 metrics.update({
                     "step": state.step, "epoch": state.epoch + 1, "epochs": cfg.train.epochs,
                     "total_steps": stop_at, "train/images_per_s": images_seen / max(now - t_last, 1e-9),

@@ -53,6 +53,7 @@ from vae.distributions import (
 from vae.layers import BN_MOMENTUM, Conv2d, DecoderCell, EncoderCell, PairedFlow
 from vae.regularizers import (
     SpectralRegularizer,
+    affine_norms,
     balanced_kl,
     batchnorm_penalty,
     kl_balance_alphas,
@@ -331,7 +332,7 @@ class NVAE(nn.Module):
         self.register_buffer("kl_beta", torch.tensor(1.0))
         self.register_buffer("sr_lambda", torch.tensor(float(cfg.lambda_sr)))
         self.register_buffer("kl_alphas", kl_balance_alphas(self.groups_per_scale, hs), persistent=False)
-        shapes = [w.shape for w in self.sr_weights()]
+        shapes = [m.weight.shape for m in self.modules() if isinstance(m, Conv2d)]  # = their effective kernels
         self.spectral = SpectralRegularizer(shapes, cfg.sr_power_iters) if cfg.lambda_sr > 0 else None
 
     # ----------------------------------------------------------------------------------------------------------
@@ -407,7 +408,8 @@ class NVAE(nn.Module):
     # Paths through the hierarchy.
 
     def _posterior_path(
-        self, feats: list[Tensor], use_mean: bool = False, cross: list[Tensor] | None = None
+        self, feats: list[Tensor], use_mean: bool = False, cross: list[Tensor] | None = None,
+        log_q_graph: bool = True,
     ) -> tuple[list[GroupStep], Tensor, Tensor | None]:
         """Sample z ~ q(z|x) group by group. With `cross` (another input's features) also sum over groups the
         KL(q(z_k|z_<k, this input) ‖ q(z_k|z_<k, other input)) on the same decoder states -> (B,)."""
@@ -422,7 +424,9 @@ class NVAE(nn.Module):
             else:
                 z0, eps = q.sample()
             z = self.group_flow(k, z0)
-            steps.append(GroupStep(prior, q, z, eps, context, q.log_prob(z0).flatten(1).sum(1)))
+            with torch.set_grad_enabled(log_q_graph and torch.is_grad_enabled()):
+                log_q = q.log_prob(z0).flatten(1).sum(1)
+            steps.append(GroupStep(prior, q, z, eps, context, log_q))
             if cross is not None:
                 q_other = self.group_posterior(k, context, cross[k], prior)
                 kl = consistency_kl(q.mu, q.sigma, q_other.mu, q_other.sigma)
@@ -465,9 +469,11 @@ class NVAE(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     # Objective.
 
-    def _elbo(self, x: Tensor, cross: list[Tensor] | None = None) -> _Elbo:
+    def _elbo(self, x: Tensor, cross: list[Tensor] | None = None, log_pq_graph: bool = True) -> _Elbo:
+        """log_pq_graph=False computes the per-group log p and log q without autograd history (a loss without flows
+        uses the analytic KL instead)."""
         feats = self.encode(x)
-        steps, state, cross_kl = self._posterior_path(feats, cross=cross)
+        steps, state, cross_kl = self._posterior_path(feats, cross=cross, log_q_graph=log_pq_graph)
         params = self.decode(state)
         dist = self.output_distribution(params)
         c = self.cfg.crop
@@ -479,7 +485,8 @@ class NVAE(nn.Module):
             if not self.training and isinstance(loss_dist, GaussianDecoder):
                 log_px_continuous = log_px
                 log_px = loss_dist.discretized(self.cfg.num_x_bits).log_prob(target).flatten(1).sum(1)
-            log_p = torch.stack([s.prior.log_prob(s.z.float()).flatten(1).sum(1) for s in steps], dim=1)
+            with torch.set_grad_enabled(log_pq_graph and torch.is_grad_enabled()):
+                log_p = torch.stack([s.prior.log_prob(s.z.float()).flatten(1).sum(1) for s in steps], dim=1)
             if self.cfg.num_nf > 0:
                 kl = torch.stack([s.log_q for s in steps], dim=1) - log_p
             else:
@@ -492,22 +499,35 @@ class NVAE(nn.Module):
         Training: loss = mean_B[recon + β_t·Σ_l γ_l·KL_l] + λ_SR·(Σ σ_max + Σ max|γ_BN|), plus with CR
         mean_B[recon(t(x)) + β_t·Σ γ·KL(t(x)) + λ_CR·KL(q(·|t(x)) ‖ q(·|x))]. Eval: loss = mean_B[nelbo].
         """
+        if not (self.training and self.spectral is not None and torch.is_grad_enabled()):
+            return self._forward(x, [])
+        convs = self._penalty_layers()[0]
+        for m in convs:  # the spectral penalty reuses the kernels this forward computes
+            m.keep_weight = True
+        try:
+            return self._forward(x, convs)
+        finally:
+            for m in convs:
+                m.keep_weight, m.kept_weight = False, None
+
+    def _forward(self, x: Tensor, kept: list[Conv2d]) -> NVAEOutput:
         cfg = self.cfg
-        e = self._elbo(x)
+        e = self._elbo(x, log_pq_graph=cfg.num_nf > 0)  # without flows the loss needs no log p or log q graph
         beta = float(self.kl_beta) if self.training else 1.0
         kl_term, gammas = balanced_kl(e.kl, self.kl_alphas, beta, cfg.kl_balance)
         per_example = kl_term - e.log_px
         stats: dict[str, Tensor] = {"beta": self.kl_beta.new_tensor(beta), "gammas": gammas.detach()}
         if self.training and cfg.cr_lambda > 0:
-            e_t = self._elbo(make_transform(cfg.cr_transform)(x), cross=e.feats)
+            e_t = self._elbo(make_transform(cfg.cr_transform)(x), cross=e.feats, log_pq_graph=cfg.num_nf > 0)
             kl_term_t, _ = balanced_kl(e_t.kl, self.kl_alphas, beta, cfg.kl_balance)
             per_example = per_example + kl_term_t - e_t.log_px + cfg.cr_lambda * e_t.cr_kl
             stats["cr_kl"] = e_t.cr_kl.mean().detach()
         loss = per_example.mean()
         if self.training and self.spectral is not None:
-            lam = float(self.sr_lambda)
-            sr, bn = self.spectral(self.sr_weights()), batchnorm_penalty(self)
-            loss = loss + lam * (sr + bn)
+            weights = [m.kept_weight if m.kept_weight is not None else m.effective_weight() for m in kept]
+            sr = self.spectral(weights if kept else self.sr_weights())
+            bn = batchnorm_penalty(self._penalty_layers()[1])
+            loss = loss + self.sr_lambda * (sr + bn)  # the buffer, not float(): no device sync mid-step
             stats.update(lambda_sr=self.sr_lambda.detach().clone(), sr_loss=sr.detach(), bn_loss=bn.detach())
         if cfg.decoder.startswith("gaussian"):
             stats.update(sigma=e.loss_dist.sigma.detach(), equivalent_beta=e.loss_dist.equivalent_beta.detach())
@@ -543,7 +563,16 @@ class NVAE(nn.Module):
 
     def sr_weights(self) -> list[Tensor]:
         """The effective kernels of every conv layer, in a fixed order: what the spectral regulariser sees."""
-        return [m.effective_weight() for m in self.modules() if isinstance(m, Conv2d)]
+        return [m.effective_weight() for m in self._penalty_layers()[0]]
+
+    def _penalty_layers(self) -> tuple[list[Conv2d], list[nn.Module]]:
+        """The conv layers (in module order) and the affine BN layers the penalties read, found on first use (after
+        any BN conversion, e.g. to SyncBatchNorm) instead of walking the modules every step."""
+        layers = self.__dict__.get("_penalty_cache")
+        if layers is None:
+            layers = ([m for m in self.modules() if isinstance(m, Conv2d)], affine_norms(self))
+            self._penalty_cache = layers
+        return layers
 
     # ----------------------------------------------------------------------------------------------------------
     # Using a trained model.

@@ -174,3 +174,69 @@ def test_batchnorm_penalty_sums_max_abs_gamma_of_affine_norms():
     penalty.backward()
     assert net[1].weight.grad.tolist() == [0.0, -1.0, 0.0, 0.0]
     assert batchnorm_penalty(nn.Linear(3, 3)).item() == 0.0
+
+
+def _einsum_power_iteration(weights, u, v, n_iter):
+    """The textbook batched power iteration, written independently of the module: v ← Wᵀu/‖·‖, u ← Wv/‖·‖, σ = uᵀWv."""
+    w = torch.stack([x.reshape(x.shape[0], -1) for x in weights]).double()
+    u, v = u.double(), v.double()
+    for _ in range(n_iter):
+        v = torch.nn.functional.normalize(torch.einsum("gij,gi->gj", w, u), dim=1)
+        u = torch.nn.functional.normalize(torch.einsum("gij,gj->gi", w, v), dim=1)
+    return u, v, torch.einsum("gi,gij,gj->g", u, w, v)
+
+
+def test_batched_power_iteration_follows_the_textbook_iterates():
+    """Same start, same number of iterations: the module's u, v and σ are the textbook iteration's, and after the long
+    first run σ is the largest singular value."""
+    weights = [torch.randn(s) for s in SHAPES]
+    sr = SpectralRegularizer(SHAPES, n_power_iterations=3, n_init_iterations=300)
+    starts = [(sr.get_buffer(f"u{g}").clone(), sr.get_buffer(f"v{g}").clone()) for g in range(len(sr.matrix_shapes))]
+    total = sr(weights)
+    expected_total = 0.0
+    for g, (u0, v0) in enumerate(starts):
+        members = [weights[i] for i in sr.members[g]]
+        u, v, sigma = _einsum_power_iteration(members, u0, v0, 300)
+        torch.testing.assert_close(sr.get_buffer(f"u{g}").double(), u, atol=1e-5, rtol=0)
+        torch.testing.assert_close(sr.get_buffer(f"v{g}").double(), v, atol=1e-5, rtol=0)
+        exact = torch.stack([torch.linalg.matrix_norm(m.reshape(m.shape[0], -1).double(), ord=2) for m in members])
+        torch.testing.assert_close(sigma, exact, rtol=1e-5, atol=0)
+        expected_total += sigma.sum().item()
+    assert total.item() == pytest.approx(expected_total, rel=1e-6)
+    starts = [(sr.get_buffer(f"u{g}").clone(), sr.get_buffer(f"v{g}").clone()) for g in range(len(sr.matrix_shapes))]
+    moved = [w + 0.05 * torch.randn_like(w) for w in weights]
+    total = sr(moved)  # warm: 3 iterations from the kept vectors
+    expected = sum(_einsum_power_iteration([moved[i] for i in sr.members[g]], u0, v0, 3)[2].sum().item()
+                   for g, (u0, v0) in enumerate(starts))
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nvae_penalty_on_the_forward_kernels_equals_the_penalty_on_recomputed_ones():
+    """The training forward hands the spectral penalty the kernels it convolved with; loss and every gradient equal
+    those of the penalty on kernels normalised again after the forward, and the BN term equals Σ max|γ| layer by
+    layer. No kernel stays kept after the step."""
+    import copy
+
+    from vae import NVAE, NVAEConfig
+    from vae.layers import Conv2d
+
+    model = NVAE(NVAEConfig.preset("tiny", num_nf=1, lambda_sr=0.5)).train()
+    with torch.no_grad():  # BN scales apart from 1, so the max picks one channel per layer
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(model)
+    x = torch.rand(4, 1, 16, 16)
+    torch.manual_seed(1)
+    out = model(x)
+    out.loss.backward()
+    torch.manual_seed(1)
+    expected = reference._forward(x, [])  # the kernels recomputed by sr_weights() after the forward
+    expected.loss.backward()
+    assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-6)
+    assert out.stats["sr_loss"].item() == pytest.approx(expected.stats["sr_loss"].item(), rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    layer_by_layer = sum(m.weight.abs().max() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert out.stats["bn_loss"].item() == pytest.approx(layer_by_layer.item(), rel=1e-6)
+    assert all(m.kept_weight is None and not m.keep_weight for m in model.modules() if isinstance(m, Conv2d))
