@@ -275,7 +275,8 @@ def evaluate_ncp(cfg: PipelineConfig, tracker, run_id: str, model) -> dict[str, 
     if f"{split}/inception_fid_sir" in metrics:
         print(f"[ncp] Inception FID ({len(real)} samples; published FIDs use 50k): " + ", ".join(
             f"{m} {metrics[f'{split}/inception_fid_{m}']:.2f}" for m in ("base", "sir", "langevin")), flush=True)
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+    # The stage's result (and `vaepipe run`'s summary table) carries the scores; timings and ESS stay in MLflow.
+    return {k: v for k, v in metrics.items() if math.isfinite(v) and k.startswith(f"{split}/")}
 
 
 def ncp_likelihood_metrics(model, x: torch.Tensor, k: int, z_samples: int | None = None,
