@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 def config(data: str, work: str, workers: int, steps: int, batch: int):
     return load_config(REPO / "configs" / "demo.yaml", [
         f"data.path={data}", f"tracking.workdir={work}", f"train.storage_path={work}/ray",
-        f"train.num_workers={workers}", f"train.batch_size={batch}", "train.epochs=100", f"train.max_steps={steps}",
+        # `batch` images per worker: train.batch_size is the global batch.
+        f"train.num_workers={workers}", f"train.batch_size={batch * max(1, workers)}", "train.epochs=100",
+        f"train.max_steps={steps}",
         "train.log_every_steps=10", f"train.checkpoint_every_steps={10 * steps}", "train.val_iw_examples=0",
     ])
 
@@ -47,7 +49,7 @@ def plain_loop(cfg, steps: int, threads: int) -> tuple[float, float]:
     plan = TrainPlan(run_id="-", tracking_uri="-", data_path=cfg.data.path, train_examples=0, val_examples=0,
                      steps_per_epoch=steps, total_steps=steps, heartbeat_dir=tempfile.mkdtemp())
     state = setup(cfg, plan, torch.device("cpu"))
-    reader = ParquetImageReader(cfg.data.path, "train", batch_size=cfg.train.batch_size, shuffle=True,
+    reader = ParquetImageReader(cfg.data.path, "train", batch_size=cfg.train.worker_batch_size, shuffle=True,
                                 drop_last=True)
     rates, first, t_int, n_int = [], None, None, 0
     while state.step < steps:
@@ -78,7 +80,7 @@ def ray_run(cfg) -> tuple[float, float, float]:
     hist = sorted(client.get_metric_history(result.run_id, "train/images_per_s"), key=lambda m: m.step)
     rate = statistics.median([m.value for m in hist[1:]] or [m.value for m in hist])
     # The first report lands after 10 steps: take their steady-state duration off to get the start-up time.
-    first_steps = 10 * cfg.train.batch_size * max(1, cfg.train.num_workers) / rate
+    first_steps = 10 * cfg.train.batch_size / rate  # the global batch: all workers' images per step
     startup = hist[0].timestamp / 1000.0 - wall0 - first_steps
     return rate, max(startup, 0.0), total
 

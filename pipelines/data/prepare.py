@@ -109,6 +109,10 @@ _CONTENT_FIELDS = {
     "celeba64": ("image_size",),
     "folder": ("image_size", "seed", "val_fraction", "test_fraction", "rgb", "source_path"),
 }
+# How a source makes its images, when that changed in a way its config does not show. A dataset made by an older
+# protocol is refused by `ensure_dataset` (its figures would not be the paper's). 2: MNIST zero-padded to 32 (was a
+# resize), CelebA-64's face box at top 40 (was centred at top 35).
+PROTOCOLS = {"mnist": 2, "celeba64": 2}
 
 
 def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Manifest:
@@ -120,6 +124,13 @@ def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Manifest:
     if fs.get_file_info(join(root, MANIFEST_NAME)).type != pafs.FileType.File:
         return prepare_dataset(cfg, progress=progress)
     manifest = read_manifest(root, fs)
+    made_by, wanted_protocol = manifest.source.get("protocol", 1), PROTOCOLS.get(cfg.source, 1)
+    if made_by < wanted_protocol:
+        raise DatasetError(
+            f"{cfg.path} holds a {cfg.source} dataset made by an older vaepipe (protocol {made_by}; now "
+            f"{wanted_protocol}: {manifest.source.get('notes', '')!r} is no longer how the paper's images are made). "
+            f"Prepare it again: `{prepare_command(cfg.to_dict(), cfg.path)} --overwrite`"
+        )
     made = manifest.source.get("config") or {}
     wanted = cfg.to_dict()
     keys = ("source",) + _CONTENT_FIELDS.get(cfg.source, ())
@@ -228,6 +239,7 @@ def _write_dataset(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "writer": f"pyarrow {pa.__version__}",
             "notes": data.notes,
+            "protocol": PROTOCOLS.get(cfg.source, 1),
         },
     )
     with fs.open_output_stream(join(root, MANIFEST_NAME)) as f:  # last: its presence marks the dataset complete
