@@ -249,15 +249,17 @@ def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1
     return metrics
 
 
-def _iw_nll(model, x: torch.Tensor, k: int, batch_size: int, label: str, block: int = 100) -> torch.Tensor:
-    """(N,) importance-weighted NLL with K draws, in blocks of at most `block` draws per batch so that a progress
-    line with an ETA can follow the work; the blocks combine exactly: p̂ = Σ_b K_b·p̂_b / K."""
+def _iw_nll(model, x: torch.Tensor, k: int, batch_size: int, label: str, rows: int = 2048) -> torch.Tensor:
+    """(N,) importance-weighted NLL with K draws, in blocks of about `rows` model rows (a batch times a block of
+    draws) so that a progress line with an ETA can follow the work; blocks combine exactly: p̂ = Σ_b K_b·p̂_b / K."""
     from pipelines.sample_quality import Ticker
     from vae.metrics import importance_weighted_nll
 
     ticker, done, out = Ticker(label, len(x) * k, "draws"), 0, []
+    ticker(0)
     for i in range(0, len(x), batch_size):
         xb, log_p = x[i:i + batch_size], []
+        block = max(1, min(k, rows // len(xb)))
         for start in range(0, k, block):
             kb = min(block, k - start)
             log_p.append(math.log(kb) - importance_weighted_nll(model, xb, k=kb).cpu())  # log(K_b·p̂_b)

@@ -296,6 +296,7 @@ def ncp_likelihood_metrics(model, x: torch.Tensor, k: int, z_samples: int | None
             f"eval/ncp_iw_nll_k{k}_mc_bias": out["mc_bias"], f"eval/ncp_gain_k{k}": out["gain"],
             "eval/ncp_log_z_samples": float(m), "eval/ncp_log_z/group_00": out["log_z_top"]}
 
+    ticker(0)
 
 def read_labels(path: str) -> tuple[str, ...]:
     from pipelines.data import read_manifest
