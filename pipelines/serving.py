@@ -282,7 +282,8 @@ def _as_frame(model_input: Any) -> pd.DataFrame:
     if isinstance(model_input, pd.DataFrame):
         frame = model_input
     elif isinstance(model_input, Mapping):
-        frame = pd.DataFrame({k: v if isinstance(v, (list, tuple, np.ndarray)) else [v] for k, v in model_input.items()})
+        frame = pd.DataFrame({k: v if isinstance(v, (list, tuple, np.ndarray)) else [v]
+                              for k, v in model_input.items()})
     elif isinstance(model_input, list) and all(isinstance(r, Mapping) for r in model_input):
         frame = pd.DataFrame(list(model_input))
     else:
@@ -386,8 +387,8 @@ def log_model(model: torch.nn.Module, name: str, run_id: str, model_id: str | No
         loader = Path(tmp) / f"{LOADER_MODULE}.py"
         shutil.copyfile(Path(__file__).resolve(), loader)
         with _quiet_copies():  # Model.log loads the model back to check its input example
-            return Model.log(artifact_path=None, name=name, flavor=sys.modules[__name__], run_id=run_id, model_id=model_id,
-                             pytorch_model=model, code_paths=[*code_paths, str(loader)],
+            return Model.log(artifact_path=None, name=name, flavor=sys.modules[__name__], run_id=run_id,
+                             model_id=model_id, pytorch_model=model, code_paths=[*code_paths, str(loader)],
                              pip_requirements=list(pip_requirements), example_image=example)
 
 
@@ -501,7 +502,7 @@ def model_card(tracker, name: str, version: str, config: Any, run_id: str) -> st
     fs_path = data_cfg.path
     c, h, w = manifest.shape
     splits = " / ".join(f"{s} {n}" for s, n in manifest.splits.items() if n)
-    eval_split = "test" if manifest.splits.get("test", 0) and family == "ncp" else ("val" if family == "ncp" else "test")
+    eval_split = "test" if manifest.splits.get("test", 0) else "val"  # eval/ metrics: the held-out split
     uri = f"models:/{name}/{version}"
     rows = [(k, _metric_split(k, eval_split), v) for k, v in sorted(metrics.items())
             if k.startswith(prefixes) and k.count("/") == 1 and not k.endswith("seconds")]
@@ -510,6 +511,8 @@ def model_card(tracker, name: str, version: str, config: Any, run_id: str) -> st
     python_sample = {"nvae": "model.sample(16, temperature=0.8)", "ncp": 'model.sample(16, method="sir")',
                      "gwae": "model.sample(16)"}
     source_model = _pinned(tracker, tags.get("vaepipe.source_model", "none"))
+    chash = tags.get("vaepipe.config_hash") or config_hash(config)
+    manifest_sha, data_tag = _manifest_sha256(data_cfg.path), tags.get("vaepipe.dataset", "?")
     return f"""# {name} v{version}
 
 {what[0].upper() + what[1:]} for {c}x{h}x{w} images, made by the `{stage}` stage of vaepipe.
@@ -517,9 +520,9 @@ def model_card(tracker, name: str, version: str, config: Any, run_id: str) -> st
 | | |
 | --- | --- |
 | recipe | `vaepipe {stage}` ({recipe}), config `{getattr(config, 'name', '?')}` |
-| config hash | `{tags.get('vaepipe.config_hash') or config_hash(config)}` (sha256 of the resolved config; `config.yaml` of the run) |
+| config hash | `{chash}` (sha256 of the resolved config; `config.yaml` of the run) |
 | data | `{manifest.name}` at `{fs_path}`: {c}x{h}x{w}, {splits} |
-| data digest | dataset.json sha256 `{_manifest_sha256(data_cfg.path)}`; content sha256 `{manifest.sha256}` (run tag `{tags.get('vaepipe.dataset', '?')}`) |
+| data digest | dataset.json sha256 `{manifest_sha}`; content sha256 `{manifest.sha256}` (run tag `{data_tag}`) |
 | source model | {source_model if source_model != 'none' else 'none (trained from scratch)'} |
 | pipeline run | `{tags.get('vaepipe.pipeline_run', '?')}`; stage run `{run_id}` |
 | code | git `{tags.get('vaepipe.git_commit', 'unknown')}` |

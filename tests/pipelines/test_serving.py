@@ -345,7 +345,8 @@ def serve(model_uri: str, tracking_uri: str, log_path: Path):
     while not _ping(base):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc)
-            pytest.fail(f"`{' '.join(cmd)}` did not answer /ping; its log:\n{log_path.read_text(errors='replace')[-4000:]}")
+            log = log_path.read_text(errors="replace")[-4000:]
+            pytest.fail(f"`{' '.join(cmd)}` did not answer /ping; its log:\n{log}")
         time.sleep(0.5)
     return proc, base
 
@@ -436,7 +437,8 @@ def test_train_stage_logs_its_data_registers_a_card_and_a_servable_model(ray_loc
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"data.path={digits16}", f"tracking.workdir={mlflow_store.workdir}",
-        f"tracking.tracking_uri={mlflow_store.tracking_uri}", f"tracking.artifact_location={mlflow_store.artifact_location}",
+        f"tracking.tracking_uri={mlflow_store.tracking_uri}",
+        f"tracking.artifact_location={mlflow_store.artifact_location}",
         f"train.storage_path={tmp_path / 'ray'}", "train.epochs=1", "train.num_workers=1", "train.batch_size=64",
         "train.val_iw_examples=0"])
     result = run_train(cfg)
