@@ -211,7 +211,7 @@ def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1
                               f"{list(vae_model.cfg.image_shape)}")
         # An NCP model's frozen NVAE: its figure is the base model's and says so.
         base = "base_" if kind == "NCPVAE" else ""
-        nll = _iw_nll(vae_model, x, k, batch_size, f"evaluate: {base}IW-NLL K={k}")
+        nll = _iw_nll(vae_model, x, k, batch_size, f"evaluate: {'base NVAE ' if base else ''}IW-NLL K={k}")
         metrics[f"eval/{base}iw_nll_k{k}"] = nll.mean().item()
         # a discrete likelihood per scored pixel: Gaussian decoders score 8-bit bins in eval mode, and the crop's
         # border is not scored (MNIST: 784 of 32×32)
