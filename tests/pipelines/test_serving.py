@@ -148,6 +148,30 @@ def test_logging_validates_the_example_and_writes_both_flavours(registry):
         assert type(loaded).__name__ == {"nvae": "NVAE", "ncp": "NCPVAE", "gwae": "GWAE"}[kind]
 
 
+def test_a_model_serves_with_only_its_own_code(registry, tmp_path):
+    """vaepipe's `pipelines` unimportable: the pyfunc loader and `vae` come from the model's code directory."""
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["pipelines"] = None  # any import of vaepipe's pipelines package now fails
+        import mlflow, pandas as pd
+        mlflow.set_tracking_uri({registry["tracker"].tracking_uri!r})
+        served = mlflow.pyfunc.load_model({registry["uris"]["nvae"]!r})
+        out = served.predict(pd.DataFrame({{"request": ["sample"]}}), params={{"n": 2}})
+        import vae, vaepipe_serving
+        print(len(out), vae.__file__, vaepipe_serving.__file__)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    count, vae_file, loader_file = out.stdout.split()[-3:]
+    assert count == "2"
+    assert Path(vae_file).parts[-3:] == ("code", "vae", "__init__.py"), vae_file
+    assert Path(loader_file).parts[-2:] == ("code", "vaepipe_serving.py"), loader_file
+
+
 def test_pyfunc_answers_match_the_torch_model(registry):
     import mlflow
 
