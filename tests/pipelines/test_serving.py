@@ -307,6 +307,11 @@ def test_model_card_and_promotion_reason(registry, digits16):
     assert f'mlflow.pytorch.load_model("models:/{name}/{v1}"' in card
     assert f"mlflow models serve -m models:/{name}/{v1} --env-manager local" in card
 
+    for kind, stage, what in (("ncp", "ncp", "An NCP-VAE"), ("gwae", "tune", "The best GWAE")):
+        other = serving.describe_version(tracker, f"serving-{kind}", registry["uris"][kind].rsplit("/", 1)[1], cfg,
+                                         registry["run_ids"][kind])
+        assert other.splitlines()[2].startswith(what) and f"`vaepipe {stage}`" in other, other[:400]
+
     promote(tracker, name, version=v1)
     # a second, better version of the same model takes over; its card says against what
     run2 = tracker.client.create_run(tracker.experiment_id("serving")).info.run_id
