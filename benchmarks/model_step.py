@@ -19,8 +19,8 @@ How it stays honest on a shared, noisy machine:
 - CPU time is the worker's process CPU seconds per step, which other processes competing for the cores do not
   inflate as much as wall time; wall time is printed too. On CUDA the step ends with a synchronisation and wall
   time is the figure to read.
-- A case without the spectral and BN penalties (`nosr`) next to the same case with them gives the penalties' share
-  of a step: 1 − median(nosr)/median(with).
+- A case without the spectral and BN penalties (`nosr`) next to the same case with them gives the penalties' cost:
+  the median over rounds of the paired difference (with − nosr, in the same round), and its share of a step.
 `--profile` adds torch.profiler's top entries for one step of the first case in the current tree.
 """
 from __future__ import annotations
@@ -244,14 +244,16 @@ def main() -> None:
             peaks = [max(times[side, case.name]["peak_mib"]) for side in workers]
             print(f"| {case.name} | {peaks[0]:.0f} | {peaks[1]:.0f} |")
     if pairs:
-        print("\n| case | tree | spectral + BN penalty share of a step (CPU time: 1 − nosr/with) |")
-        print("|---|---|---|")
+        print("\n| case | tree | spectral + BN penalty: median over rounds of (with − nosr) CPU ms, min–max "
+              "| share of the median step |")
+        print("|---|---|---|---|")
         for on, off in pairs:
             for side in workers:
+                # Paired by round: both steps ran within one round, so slow phases of the machine mostly cancel.
+                diffs = [a - b for a, b in zip(times[side, on.name]["cpu"], times[side, off.name]["cpu"])]
                 with_sr = statistics.median(times[side, on.name]["cpu"])
-                without = statistics.median(times[side, off.name]["cpu"])
-                print(f"| {on.name} | {side} | {100 * (1 - without / with_sr):.1f}% "
-                      f"({1000 * (with_sr - without):.0f} ms of {1000 * with_sr:.0f} ms) |")
+                print(f"| {on.name} | {side} | {summary(diffs)} | "
+                      f"{100 * statistics.median(diffs) / with_sr:.1f}% of {1000 * with_sr:.0f} ms |")
     if profile:
         print(f"\ntorch.profiler, one step of {cases[0].name}, current tree:\n{profile['table']}")
 
