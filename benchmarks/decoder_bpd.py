@@ -16,6 +16,14 @@ and image 0's IW-NLL scored alone against scored with the other n-test − 1 dig
 It runs against whatever `vae` package is first on the path, so the same command measures an older checkout:
 
     git worktree add /tmp/base f044453 && PYTHONPATH=/tmp/base .venv/bin/python benchmarks/decoder_bpd.py ...
+
+Measured with the command above (2-core shared machine, 2026-12-01), test bits/dim by IW at K = 1000, before (f044453:
+Gaussians scored as a continuous density with σ* refitted to each pass's 2000 rows, D = C·H·W) -> after:
+  dml 3.491 -> 3.631 | bernoulli 0.564 -> 0.565 | gaussian_optimal −3.573 -> 4.249 | gaussian_learned −1.215 -> 5.085 |
+  gaussian_fixed (σ = 1) 1.360 -> 6.803. The DML and Bernoulli likelihoods did not change; their small differences
+  come from other changes to the model between the two checkouts. The image-0 columns use different noise for the
+  two scorings (K = 100), so they differ by Monte Carlo error; tests/vae/test_metrics.py checks the same question
+  exactly, with the same noise.
 """
 from __future__ import annotations
 
