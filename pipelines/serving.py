@@ -347,12 +347,14 @@ def save_model(path: str, mlflow_model, pytorch_model: torch.nn.Module, code_pat
     from mlflow import pyfunc
     from mlflow.models.model import MLMODEL_FILE_NAME
 
-    server = GenerativeModelServer(pytorch_model)  # refuses a model kind it cannot serve, before writing anything
-    mlflow.pytorch.save_model(
-        pytorch_model, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=list(code_paths),
-        pip_requirements=list(pip_requirements), signature=request_signature(),
-        input_example=request_example(server.image_shape, example_image),
-    )
+    common = dict(mlflow_model=mlflow_model, serialization_format="pickle", code_paths=list(code_paths),
+                  pip_requirements=list(pip_requirements))
+    if type(pytorch_model).__name__ not in KINDS:  # any other module: the pytorch flavour as MLflow writes it
+        mlflow.pytorch.save_model(pytorch_model, path, **common)
+        return
+    server = GenerativeModelServer(pytorch_model)
+    mlflow.pytorch.save_model(pytorch_model, path, signature=request_signature(),
+                              input_example=request_example(server.image_shape, example_image), **common)
     mlflow_model.flavors.pop(pyfunc.FLAVOR_NAME, None)
     pyfunc.add_to_model(mlflow_model, loader_module=LOADER_MODULE, code="code", conda_env="conda.yaml",
                         python_env="python_env.yaml", model_config={"device": None})
