@@ -47,7 +47,13 @@ def init_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster's authentication is the cluster's: RAY_AUTH_MODE / RAY_AUTH_TOKEN reach Ray unchanged.
-        ray.init(address=address)
+        if _is_loopback_address(address):
+            # A cluster on this machine's loopback interface (cluster/local/): Ray would otherwise rewrite
+            # 127.0.0.1 to the machine's network address, where nothing listens.
+            with _loopback_node():
+                ray.init(address=address, _node_ip_address=LOOPBACK)
+        else:
+            ray.init(address=address)
         return
     cores = os.cpu_count() or 2
     start_local_ray(
@@ -67,13 +73,8 @@ def start_local_ray(**init_kwargs: Any) -> None:
     ~/.ray/auth_token, kept readable by this user only), so other users of a shared machine cannot use the loopback
     ports either. An explicit RAY_AUTH_MODE (read by Ray when it is imported) is respected."""
     import ray
-    from ray._private import ray_constants
 
-    saved_env = os.environ.get(_RAY_SINGLE_NODE_ENV)
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_RAY_SINGLE_NODE_ENV] = "0"  # inherited by the GCS, the raylet and every worker they start
-    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already
-    try:
+    with _loopback_node():
         ray.init(
             address="local",  # our own local Ray; a cluster is reached only through --address or RAY_ADDRESS
             _node_ip_address=LOOPBACK,
@@ -81,12 +82,6 @@ def start_local_ray(**init_kwargs: Any) -> None:
             dashboard_host=LOOPBACK,
             **init_kwargs,
         )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(_RAY_SINGLE_NODE_ENV, None)
-        else:
-            os.environ[_RAY_SINGLE_NODE_ENV] = saved_env
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
         ray.shutdown()
@@ -95,6 +90,30 @@ def start_local_ray(**init_kwargs: Any) -> None:
             f"This Ray version ignores the loopback setting: pin ray to the version in pyproject.toml"
         )
     _private_token_file()
+
+
+def _is_loopback_address(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in (LOOPBACK, "localhost")
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """Ray's address choice set to the loopback interface while Ray starts or connects."""
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_RAY_SINGLE_NODE_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_SINGLE_NODE_ENV] = "0"  # inherited by the GCS, the raylet and every worker they start
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_SINGLE_NODE_ENV, None)
+        else:
+            os.environ[_RAY_SINGLE_NODE_ENV] = saved_env
 
 
 def _private_token_file() -> None:

@@ -146,6 +146,15 @@ def run_ncp(
     return result
 
 
+def group_task_options(n) -> dict[str, Any]:
+    """Ray options of a group's classifier task. SPREAD puts the groups on as many nodes as have room (PACK would fill
+    one node first), so losing a node costs few groups. A group whose node dies is a system failure that Ray retries
+    on another node (max_retries); a RuntimeError inside the task is retried too. Groups that finished are already
+    back on the driver and logged, so nothing finished is lost."""
+    return {"num_cpus": n.cpus_per_group, "num_gpus": n.gpus_per_group, "scheduling_strategy": "SPREAD",
+            "max_retries": 2, "retry_exceptions": [RuntimeError]}
+
+
 def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_uri: str,
                         ray_address: str | None) -> StageResult:
     import ray
@@ -159,9 +168,7 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
     if classifiers:
         print(f"[ncp] {len(classifiers)} group(s) already trained in run {run_id}; training {todo}", flush=True)
     init_ray(ray_address)
-    task = ray.remote(train_group).options(
-        num_cpus=n.cpus_per_group, num_gpus=n.gpus_per_group, max_retries=2, retry_exceptions=[RuntimeError]
-    )
+    task = ray.remote(train_group).options(**group_task_options(n))
     vae_ref = ray.put(vae)
     pending = {task.remote(vae_ref, k, cfg.data.path, n.to_dict()): k for k in todo}
     print(f"[ncp] {len(todo)} classifier task(s) on Ray ({n.cpus_per_group} CPU, {n.gpus_per_group} GPU each); "
@@ -289,6 +296,7 @@ def ncp_likelihood_metrics(model, x: torch.Tensor, k: int, z_samples: int | None
 
     m = model.cfg.log_z_samples if z_samples is None else int(z_samples)
     ticker = Ticker(f"evaluate: NCP IW-NLL K={k}, M={m} prior draws per normaliser", len(x) * k, "draws")
+    ticker(0)
     out = model.importance_weighted_nll(x.split(batch_size), k=k, n_samples=m, progress=ticker)
     print(f"[evaluate] NCP prior: NLL {out['nll']:.3f} ± {out['mc_se']:.3f} nats (Monte Carlo error of the "
           f"normalisers; K={k}, M={m}); base NVAE on the same draws {out['base_nll']:.3f}", flush=True)
@@ -296,7 +304,6 @@ def ncp_likelihood_metrics(model, x: torch.Tensor, k: int, z_samples: int | None
             f"eval/ncp_iw_nll_k{k}_mc_bias": out["mc_bias"], f"eval/ncp_gain_k{k}": out["gain"],
             "eval/ncp_log_z_samples": float(m), "eval/ncp_log_z/group_00": out["log_z_top"]}
 
-    ticker(0)
 
 def read_labels(path: str) -> tuple[str, ...]:
     from pipelines.data import read_manifest

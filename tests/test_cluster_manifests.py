@@ -136,6 +136,60 @@ def test_rayjob_runs_the_pipeline_and_cleans_up():
     assert spec["rayClusterSpec"] == _load("kuberay/raycluster.yaml")["spec"]
 
 
+def _strict(schema):
+    """The CRD schema with undeclared fields refused: the API server prunes unknown fields silently, so a typo
+    (`workerGroupSpec`, `shutdownAfterJobFinish`) would go unnoticed; `kubectl apply --validate=strict` refuses it."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_validator(kind: str):
+    import json
+
+    import jsonschema
+
+    schema = json.loads((CLUSTER / "kuberay" / "schemas" / f"{kind.lower()}-v1.json").read_text())
+    assert "kuberay" in schema.pop("$comment") and schema["properties"]["spec"]["type"] == "object"
+    schema = _strict(schema)
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _schema_errors(kind: str, manifest: dict) -> list[str]:
+    return sorted(f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in _crd_validator(kind).iter_errors(manifest))
+
+
+@pytest.mark.parametrize("rel,kind", [("kuberay/raycluster.yaml", "RayCluster"), ("kuberay/rayjob.yaml", "RayJob")])
+def test_kuberay_manifests_validate_against_the_kuberay_crd_schemas(rel, kind):
+    manifest = _load(rel)
+    assert manifest["kind"] == kind
+    assert _schema_errors(kind, manifest) == []
+
+
+def test_crd_schema_validation_catches_what_parsing_does_not():
+    rc, rj = _load("kuberay/raycluster.yaml"), _load("kuberay/rayjob.yaml")
+    typo = copy.deepcopy(rj)
+    typo["spec"]["shutdownAfterJobFinish"] = typo["spec"].pop("shutdownAfterJobFinishes")  # silently dropped by k8s
+    assert any("shutdownAfterJobFinish" in e and "not allowed" in e for e in _schema_errors("RayJob", typo))
+    as_text = copy.deepcopy(rj)
+    as_text["spec"]["ttlSecondsAfterFinished"] = "600s"
+    assert any(e.startswith("spec.ttlSecondsAfterFinished") for e in _schema_errors("RayJob", as_text))
+    wrong_type = copy.deepcopy(rc)
+    wrong_type["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    assert any("maxReplicas" in e and "integer" in e for e in _schema_errors("RayCluster", wrong_type))
+    no_containers = copy.deepcopy(rc)
+    del no_containers["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert any("containers" in e and "required" in e for e in _schema_errors("RayCluster", no_containers))
+
+
 # ----------------------------------------------------------------------------------------- cluster launcher
 
 

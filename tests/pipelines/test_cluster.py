@@ -1,0 +1,191 @@
+"""The stages on a real multi-node Ray cluster on loopback (head + two worker nodes, tests/pipelines/_cluster.py):
+every server bound to 127.0.0.1; the whole pipeline as a Ray Job through `vaepipe submit`, with train's two workers
+on two nodes, ncp's groups spread over the nodes and tune's trials on several; ncp's group tasks retried on another
+node when theirs dies, without rerunning finished groups."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from _cluster import cluster_driver, loopback_cluster  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state that one of `pids` holds, from /proc."""
+    import ipaddress
+    import socket
+
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue
+    out = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
+                continue
+            host, port = f[1].split(":")
+            raw = bytes.fromhex(host)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(raw)
+            if family == socket.AF_INET6 and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            out.append((str(addr), int(port, 16), inodes[f[9]]))
+    return out
+
+
+def _cluster_pids(cluster) -> set[int]:
+    """The nodes' `ray start` processes, their descendants, and every process naming the cluster's temp dir."""
+    parent, marked = {}, set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if cluster.root in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    marked.add(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    pids = {n.pid for n in cluster.nodes} | marked
+    grew = True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in pids} - pids
+        grew, pids = bool(more), pids | more
+    return pids
+
+
+def test_three_labelled_nodes_all_on_loopback(loopback_cluster):
+    nodes = loopback_cluster.alive_nodes()
+    assert set(nodes) == {"head", "w1", "w2"}
+    assert {n["node_ip"] for n in nodes.values()} == {"127.0.0.1"}
+    assert {name: n["resources_total"]["CPU"] for name, n in nodes.items()} == {"head": 1, "w1": 2, "w2": 2}
+    assert all(n["resources_total"][f"node_{name}"] == 1 for name, n in nodes.items())
+    sockets = _listening(_cluster_pids(loopback_cluster))
+    ports = {port for _, port, _ in sockets}
+    gcs_port, dash_port = int(loopback_cluster.gcs_address.rsplit(":", 1)[1]), int(loopback_cluster.dashboard.rsplit(":", 1)[1])
+    assert {gcs_port, dash_port} <= ports and len(sockets) > 15, sockets  # GCS, dashboard, raylets, agents, ...
+    assert [s for s in sockets if s[0] != "127.0.0.1"] == []  # nothing on another interface or on all of them
+
+
+def _submit(argv: list[str]) -> int:
+    import argparse
+
+    from pipelines import submit
+    from pipelines.cli import _user_error_types
+
+    parser = argparse.ArgumentParser(prog="vaepipe")
+    submit.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_error_types() as e:
+        print(f"vaepipe: error: {e}")
+        return 2
+
+
+def test_pipeline_as_a_ray_job_uses_every_node(loopback_cluster, cluster_driver, digits16, tmp_path, capfd):
+    """train: 2 workers of 2 CPUs, so one per worker node, checkpointing to a storage path both see (a local
+    directory is shared on one machine); ncp: 4 group tasks, SPREAD; tune: 2 trials of 2 CPUs at once."""
+    from ray.util.state import list_actors, list_tasks
+
+    from pipelines.config import load_config
+
+    work = tmp_path / "work"
+    overrides = [
+        "name=clustertest", f"data.path={digits16}", f"tune.data.path={tmp_path / 'shapes16'}",
+        "tune.data.image_size=16", "tune.data.rgb=false", "tune.data.num_examples=1200",
+        "gwae.image_shape=[1,16,16]", f"tracking.workdir={work}", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
+        f"train.storage_path={tmp_path / 'ray'}", f"tune.storage_path={tmp_path / 'ray'}",
+        "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=2", "train.batch_size=64",
+        "train.val_iw_examples=0",
+        "ncp.steps=30", "ncp.eval_every=15", "ncp.val_examples=64", "ncp.eval_samples=32", "ncp.langevin_steps=5",
+        "ncp.sir_proposals=4", "ncp.log_z_samples=16", "ncp.classifier_channels=8",
+        "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=2", "tune.epochs=2",
+        "tune.steps_per_epoch=5", "tune.eval_examples=100", "tune.search=random",
+    ]
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)  # fails here, not in the job, if a key is wrong
+    argv = ["submit", str(REPO / "configs" / "demo.yaml"), "--address", loopback_cluster.dashboard, "--no-pip"]
+    for o in overrides:
+        argv += ["--set", o]
+    t0 = time.monotonic()
+    code = _submit(argv)
+    took = time.monotonic() - t0
+    out = capfd.readouterr()
+    with capfd.disabled():
+        print(f"\n[figure] vaepipe submit of the small pipeline on 3 loopback nodes: {took:.0f} s")
+    assert code == 0, (out.out + out.err)[-4000:]
+    assert "SUCCEEDED" in out.out
+
+    names = loopback_cluster.node_ids()
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)]
+    assert {names.get(a.node_id) for a in workers} == {"w1", "w2"}, [(a.node_id, a.state) for a in workers]
+    groups = list_tasks(filters=[("func_or_class_name", "=", "train_group")], limit=1000, detail=True)
+    assert len({t.task_id for t in groups}) == 4
+    assert len({names.get(t.node_id) for t in groups}) >= 2, [names.get(t.node_id) for t in groups]
+    trials = list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=1000, detail=True)
+    assert {names.get(a.node_id) for a in trials} == {"w1", "w2"}, [names.get(a.node_id) for a in trials]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    for family in ("nvae", "ncp", "gwae"):
+        assert client.get_model_version_by_alias(f"clustertest-{family}", "candidate")
+
+
+def test_ncp_groups_spread_and_a_lost_node_reruns_only_its_groups(loopback_cluster, cluster_driver, tmp_path):
+    """ncp's own task options (SPREAD, retries) on four tasks shaped like its groups: one finishes at once, three
+    run long; then a worker node holding a running group is killed (SIGKILL of its raylet and workers). The killed
+    node's groups run again on a surviving node; the finished group is never rerun. Runs last: it loses a node."""
+    ray = cluster_driver
+    from pipelines.train_ncp import group_task_options
+    from vae.ncp import NCPConfig
+
+    log = tmp_path / "attempts"
+    log.mkdir()
+
+    def group(k: int, seconds: float) -> str:
+        node = ray.get_runtime_context().get_node_id()
+        (log / f"{k}-{node}-{time.time_ns()}").touch()
+        time.sleep(seconds)
+        return node
+
+    task = ray.remote(group).options(**group_task_options(NCPConfig()))
+    refs = [task.remote(0, 0.0)] + [task.remote(k, 40.0) for k in (1, 2, 3)]
+    names = loopback_cluster.node_ids()
+    deadline = time.monotonic() + 240
+    while len({p.name.split("-")[0] for p in log.iterdir()}) < 4:
+        assert time.monotonic() < deadline, sorted(p.name for p in log.iterdir())
+        time.sleep(0.5)
+    first = {int(p.name.split("-")[0]): names[p.name.split("-")[1]] for p in log.iterdir()}
+    assert len(set(first.values())) == 3, first  # SPREAD: every node got a group (PACK would fill one first)
+    assert ray.get(refs[0], timeout=60) is not None
+    victim = next(first[k] for k in (1, 2, 3) if first[k] != "head")
+    t_kill = time.monotonic()
+    loopback_cluster.kill_node(victim)
+    results = ray.get(refs[1:], timeout=400)
+    recovered = time.monotonic() - t_kill
+    attempts: dict[int, list[str]] = {}
+    for p in sorted(log.iterdir(), key=lambda p: int(p.name.split("-")[2])):
+        k, node, _ = p.name.split("-")
+        attempts.setdefault(int(k), []).append(names[node])
+    print(f"\n[figure] ncp group on a killed node ({victim}) finished elsewhere {recovered:.0f} s after the kill "
+          f"(group run 40 s); attempts {attempts}")
+    assert len(attempts[0]) == 1  # finished before the loss: not rerun
+    lost = [k for k in (1, 2, 3) if first[k] == victim]
+    for k in lost:
+        assert len(attempts[k]) == 2 and attempts[k][1] != victim, attempts
+        assert names[results[k - 1]] != victim
+    for k in set((1, 2, 3)) - set(lost):
+        assert attempts[k] == [first[k]]
