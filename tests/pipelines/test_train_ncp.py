@@ -30,8 +30,9 @@ def make_cfg(digits16: str, store, tmp_path: Path, *extra: str):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # train + ncp stage + evaluate: over 10 minutes when the 2 shared cores are busy
 def test_ncp_stage_trains_groups_in_parallel_and_registers_a_sampling_model(ray_local, digits16, mlflow_store,
-                                                                             tmp_path):
+                                                                             tmp_path, capsys):
     from pipelines.train_ncp import fingerprint, run_ncp
     from pipelines.train_vae import run_train
 
@@ -77,6 +78,48 @@ def test_ncp_stage_trains_groups_in_parallel_and_registers_a_sampling_model(ray_
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+
+    # `vaepipe evaluate` on the NCP model: the base NVAE's figure under base_, the NCP prior's own beside it with its
+    # Monte Carlo error, the stage's feature extractor reused (not retrained), Inception FID/KID from a weights file.
+    from pipelines.cli import main
+
+    weights = _random_inception_weights(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", "models:/demo-ncp@candidate", "--data", digits16, "--k", "8", "--ncp-k", "4",
+                 "--ncp-z-samples", "8", "--max-examples", "12", "--samples", "8", "--inception-weights", str(weights),
+                 "--tracking-uri", mlflow_store.tracking_uri]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing run" in printed and "training one" not in printed
+    assert "eta" in printed  # the long passes report progress
+    m = client.get_run(result.run_id).data.metrics
+    assert "test/iw_nll_k8" not in m  # the base NVAE's figure is never logged as the NCP model's
+    assert m["test/base_iw_nll_k8"] > 0 and m["test/ncp_iw_nll_k4"] > 0
+    assert m["test/ncp_iw_nll_k4_mc_se"] > 0 and m["test/ncp_log_z_samples"] == 8
+    for method in ("base", "sir", "langevin"):
+        assert f"test/fd_vaepipe_{method}" in m and m[f"test/inception_fid_{method}"] > 0
+    assert m["test/inception_samples"] == 8
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["vaepipe.feature_extractor_run"] == run.data.tags["vaepipe.feature_extractor_run"]
+
+
+def _random_inception_weights(tmp_path: Path) -> Path:
+    """torch-fidelity's Inception-v3 with random He-initialised weights, saved as the real checkpoint would be."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from vae.quality import INCEPTION_WEIGHTS_FILE
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    torch.save({}, tmp_path / "empty.pt")
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pt"))
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), tmp_path / INCEPTION_WEIGHTS_FILE)
+    return tmp_path / INCEPTION_WEIGHTS_FILE
 
 
 def test_missing_model_lists_what_is_registered(digits16, mlflow_store, tmp_path):
