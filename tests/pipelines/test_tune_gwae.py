@@ -257,8 +257,9 @@ def test_a_failing_trial_is_reported_and_the_search_still_finishes(ray_local, re
     # Each value alone is valid (checked before the search); prior gmp with 1 component is not: that trial raises.
     space = write_space(tmp_path, "gwae.prior: {type: grid, values: [np, gmp]}\n"
                                   "gwae.num_components: {type: grid, values: [1]}\n")
+    # 32 steps: the np trial must get out of its collapsed start to be registered (16 steps were not enough)
     cfg = make_cfg(regions16, mlflow_store, tmp_path, space, num_samples=1, epochs=2, search="random",
-                   scheduler="none", max_concurrent_trials=2)
+                   scheduler="none", max_concurrent_trials=2, steps_per_epoch=16)
     result = run_tune(cfg)
 
     client = mlflow.MlflowClient(mlflow_store.tracking_uri)
