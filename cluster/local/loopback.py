@@ -48,7 +48,7 @@ _RAY_START_ON_LOOPBACK = (
     f"services.get_node_ip_address = lambda address=None: {LOOPBACK!r}\n"
     "_get_node = services.get_node\n"
     "def get_node(*args, **kwargs):\n"
-    "    deadline = time.monotonic() + 180\n"
+    "    deadline = time.monotonic() + 600\n"
     "    while True:\n"
     "        try:\n"
     "            return _get_node(*args, **kwargs)\n"
@@ -90,14 +90,14 @@ class LoopbackCluster:
     # ------------------------------------------------------------------------------------------ start
     @classmethod
     def start(cls, workers: int = 2, head_cpus: float = 1, worker_cpus: float = 2,
-              object_store_mb: int = 150, env: dict[str, str] | None = None, timeout_s: float = 300) -> "LoopbackCluster":
+              object_store_mb: int = 150, env: dict[str, str] | None = None, timeout_s: float = 600) -> "LoopbackCluster":
         # Short root: Ray's unix socket paths (temp dir + session name + socket name) must stay under ~107 chars.
         root = tempfile.mkdtemp(prefix="vpc", dir="/tmp")
         node_env = dict(os.environ if env is None else env)
         node_env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # A raylet gives its agents 15 s to come up and then aborts; several nodes starting on 2 busy cores need more.
-        node_env.setdefault("RAY_agent_register_timeout_ms", "180000")
-        node_env.setdefault("RAY_worker_register_timeout_seconds", "180")
+        node_env.setdefault("RAY_agent_register_timeout_ms", "600000")
+        node_env.setdefault("RAY_worker_register_timeout_seconds", "600")
         node_env.pop("RAY_ADDRESS", None)
         # Jobs run `python` and `vaepipe` from the interpreter's directory (the venv).
         node_env["PATH"] = f"{Path(sys.executable).parent}:{node_env.get('PATH', '')}"
