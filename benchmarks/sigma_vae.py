@@ -1,4 +1,4 @@
-"""The σ-VAE effect at small scale (METHODS §6.1; Rybkin, Daniilidis & Levine, "Simple and Effective VAE Training with
+"""The σ-VAE effect at small scale (Rybkin, Daniilidis & Levine, "Simple and Effective VAE Training with
 Calibrated Decoders", ICML 2021) on the NVAE `tiny` preset and scikit-learn's digits.
 
     .venv/bin/python benchmarks/sigma_vae.py --steps 300
@@ -14,7 +14,7 @@ discretized Gaussian (8-bit bins, `vae.distributions.DiscGaussian`) with ONE σ 
 decoder is judged by the same rule whatever σ it trained with. Also printed: the model's own negative ELBO (eval
 mode: the same discretized Gaussian under the model's own σ, for σ* the running estimate kept during training), the
 σ the model ends with and its equivalent β = 2σ², test MSE, KL, and active units (Burda et al.'s 0.01 threshold).
-Expected (METHODS §6.1): optimal ≈ learned ≪ fixed in bits/dim and MSE; fixed σ = 1 keeps few active units.
+Expected (the paper's claim): optimal ≈ learned ≪ fixed in bits/dim and MSE; fixed σ = 1 keeps few active units.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ NUM_TRAIN = 1500  # of the 1797 digits; the remaining 297 are the test split
 
 
 def load_digits_16() -> tuple[Tensor, Tensor]:
-    """(train, test) digits as float (N, 1, 16, 16) in [0, 1]: value/16, bilinear ×2 (METHODS §6)."""
+    """(train, test) digits as float (N, 1, 16, 16) in [0, 1]: value/16, bilinear ×2."""
     from sklearn.datasets import load_digits
 
     x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -2,11 +2,11 @@
 
     vaepipe train configs/demo.yaml [--resume | --from-run RUN_ID] [--set train.epochs=5]
 
-Recipe layout (STYLE habit 5): the driver side is `run_train` (validate → open the MLflow run → fit → log and
+Recipe layout: the driver side is `run_train` (validate → open the MLflow run → fit → log and
 register the model); the worker side is `train_loop_per_worker` (setup → train → save_checkpoint / load_checkpoint),
 the only code that touches Ray Train. The model math lives in `vae/`.
 
-Contracts kept here (DESIGN.md, PLATFORM.md):
+Contracts kept here:
 - the MLflow run is created on the driver and its id passed to the controller-side `MLflowReporter`, the one writer
   of metrics and pictures, so a restarted worker never opens a second run;
 - `ray.train.report` is a barrier: every rank calls it at the same steps, rank 0 alone attaches the checkpoint;
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from pipelines.common import (
-    Progress, StageResult, ending_runs, find_interrupted_run, init_ray, png_bytes, storage_path,
+    Progress, StageResult, ending_runs, find_interrupted_run, init_ray, loopback_torch_config, png_bytes,
+    storage_path,
 )
 from pipelines.config import PipelineConfig, dump_config
 from vae.config import ConfigError
@@ -159,7 +160,7 @@ def setup(cfg: PipelineConfig, plan: TrainPlan, device: torch.device) -> TrainSt
 
 def autocast(cfg: PipelineConfig, device: torch.device):
     if device.type != "cuda" or cfg.train.amp == "none":
-        return nullcontext()  # CPU runs stay fp32 (STYLE habit 10)
+        return nullcontext()  # CPU runs stay fp32: the safe default; bf16 is a switch
     dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
@@ -688,6 +689,7 @@ def run_train(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
+        torch_config=loopback_torch_config(),  # DDP's rendezvous store on 127.0.0.1 with the local Ray
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

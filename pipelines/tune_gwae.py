@@ -3,12 +3,12 @@ trial, the best trial's model registered as `<name>-gwae`.
 
     vaepipe tune configs/demo.yaml [--space gwae_weights | PATH] [--resume] [--set tune.num_samples=16]
 
-Recipe layout (STYLE habit 5): the driver side is `run_tune` (validate everything → open the MLflow tune run →
+Recipe layout: the driver side is `run_tune` (validate everything → open the MLflow tune run →
 fit → `finish`: result table, plot, pictures, register the best model); the trial side is `train_gwae` (setup →
 load_checkpoint → train an epoch → evaluate → save_checkpoint and report), the only code a Tune worker runs. The
 model math lives in `vae/gwae.py`, the metrics in `vae/factor_metrics.py`, the space files in `tune_spaces/`.
 
-Contracts kept here (DESIGN.md, PLATFORM.md):
+Contracts kept here:
 - every input is checked before Ray starts: the space file (file:line for each mistake), each bound and choice
   applied alone to the config, the data's shape, and that the metric and the objective's terms will be reported;
 - the driver loads the prepared splits once and ships them with `tune.with_parameters` (uint8 numpy in the object

@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for the session: 4 logical CPUs overcommitted on 2 cores so Ray Data read tasks never starve
-    the train workers (PLATFORM.md), a small object store, no dashboard, loopback only."""
+    the train workers (Ray Data warns it may hang otherwise), a small object store, no dashboard, loopback only."""
     import ray
 
     if ray.is_initialized():

@@ -12,12 +12,12 @@ Objective per step (NVAE's training code): recon + β_t·Σ_l γ_l·KL_l + λ_SR
 β_t the KL warm-up and γ the KL balancing coefficients (`vae.regularizers`). Without flows KL_l is the analytic
 Gaussian KL given the sampled z_<l; with flows it is the single-sample log q(z_l|·) − log p(z_l|·).
 
-CR-NVAE (METHODS 3.2): ELBO(x) + ELBO(t(x)) − λ·Σ_l KL(q(z_l|z_<l, t(x)) ‖ q(z_l|z_<l, x)), z sampled along
+CR-NVAE (Sinha & Dieng, 2021, Eq. 3 applied group by group): ELBO(x) + ELBO(t(x)) − λ·Σ_l KL(q(z_l|z_<l, t(x)) ‖ q(z_l|z_<l, x)), z sampled along
 one path from q(·|t(x)) and both conditionals evaluated on the same decoder state. The flows do not see x, so the KL
 of the base Normals equals the KL after the (shared) flow exactly.
 
 Departures, each for a stated reason:
-- METHODS 1.2 lists expansion-3 inverted-residual cells for pre- and post-process. Pre-process belongs to the
+- A reading that gives expansion-3 inverted-residual cells to both pre- and post-process is tempting. Pre-process belongs to the
   encoder, and the `res_mbconv` recipe is "BN-Swish cells in the encoder, depthwise-separable cells in the
   decoder", so pre-process uses encoder (BN-Swish) cells and only post-process uses the expansion-3 cells.
 - The encoder sees what the likelihood scores: DML inputs are rounded to `num_x_bits`, Bernoulli inputs binarised

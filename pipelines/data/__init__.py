@@ -4,7 +4,8 @@
     manifest = prepare_dataset(DataConfig(source="digits", image_size=16), out="runs/data/digits16")
     for batch in ParquetImageReader("runs/data/digits16", "train", batch_size=64, shuffle=True): ...
 
-See DESIGN.md "Data contract" for the on-disk format.
+On disk: DIR/{train,val,test}/part-NNNNN.parquet (zstd; columns image, label, factors) and DIR/dataset.json
+(shape, counts, label and factor names, the sha256 of every shard, the source and how it was made).
 
 The names below are imported on first use: Ray Data's read tasks import `pipelines.data.columns` to decode blocks,
 and eager re-exports would make every such worker import torch (seconds) before its first block.

@@ -1,5 +1,5 @@
 """vae/gwae.py: the GW estimate, the priors, the critic's penalty, shapes, the update step and, marked slow, a short
-training run on scikit-learn's digits (METHODS §5 and §6.4 claim 4)."""
+training run on scikit-learn's digits (the GWAE objective, and that it learns a usable code on small data)."""
 from __future__ import annotations
 
 import copy
@@ -418,7 +418,7 @@ def test_pickles_and_deep_copies_despite_spectral_norm():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training on digits (METHODS §6.4 claim 4)
+# Training on digits: the objective learns a usable code on small data
 
 
 @pytest.mark.slow

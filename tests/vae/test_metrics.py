@@ -450,7 +450,7 @@ def test_trained_nvae_iw_nll_below_nelbo_and_tightens_with_k(trained_tiny_nvae):
     iw = {k: metrics.mean_importance_weighted_nll(model, batches, k=k) for k in (1, 10, 100)}
     assert iw[1] == pytest.approx(nelbo, abs=1.0)  # both single-sample ELBO estimates
     assert iw[100] < iw[10] < iw[1]
-    assert iw[100] < nelbo - 1.0  # the IW bound is strictly tighter, by a few nats on digits (METHODS 6.2)
+    assert iw[100] < nelbo - 1.0  # the IW bound is strictly tighter, by a few nats on digits
     bpd = metrics.bits_per_dim(iw[100], model.scored_dims)
     assert 0.05 < bpd < 0.8  # one Bernoulli draw of the 16×16 digits: measured 0.55 bits/dim (97 nats) at 200 steps
 

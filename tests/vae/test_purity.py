@@ -1,4 +1,4 @@
-"""`vae/` is pure PyTorch: every module imports with ray, mlflow and pyarrow blocked (STYLE habit 1)."""
+"""`vae/` is pure PyTorch: every module imports with ray, mlflow and pyarrow blocked (usable in a notebook without the cluster stack)."""
 from __future__ import annotations
 
 import pkgutil
