@@ -38,7 +38,7 @@ def init_ray(address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS) or start a local Ray sized for small machines.
 
     Locally the logical CPU count is overcommitted (2× the cores, at least 4): Ray Data's read tasks need CPU slots
-    next to the train workers, or a 2-core machine "may hang forever" (PLATFORM.md). The local Ray listens on the
+    next to the train workers, or a 2-core machine "may hang forever" (Ray Data's own warning). The local Ray listens on the
     loopback interface only and keeps Ray's token authentication (see `start_local_ray`)."""
     import ray
 
@@ -114,6 +114,50 @@ def _loopback_node():
             os.environ.pop(_RAY_SINGLE_NODE_ENV, None)
         else:
             os.environ[_RAY_SINGLE_NODE_ENV] = saved_env
+
+
+def loopback_torch_config():
+    """Ray Train's TorchConfig, except that on a loopback-only Ray (`start_local_ray`) DDP's rendezvous store
+    listens on 127.0.0.1 too: torch's c10d TCPStore otherwise binds to all interfaces, whatever MASTER_ADDR says."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class LoopbackTorchBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute_single(0, _serve_rendezvous_on_loopback)
+            super().on_start(worker_group, backend_config)
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackTorchBackend
+
+    return LoopbackTorchConfig()
+
+
+_RENDEZVOUS_STORES: list = []  # kept alive: torch reuses a multi-tenant store only while it exists
+
+
+def _serve_rendezvous_on_loopback() -> None:
+    """In the rank-0 worker: start the rendezvous store on a socket bound to 127.0.0.1 and make the address Ray
+    Train hands to every rank point at it; torch's process-group setup then reuses this store (multi-tenant, same
+    port) instead of binding its own on all interfaces. Nothing changes on a Ray reachable from other nodes."""
+    import socket
+
+    import ray
+    import ray.train._internal.utils as train_utils
+    import torch.distributed as dist
+
+    if ray.util.get_node_ip_address() != LOOPBACK:
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(LOOPBACK, port, None, True, multi_tenant=True, master_listen_fd=sock.detach(),
+                          wait_for_workers=False)
+    _RENDEZVOUS_STORES[:] = [store]
+    train_utils.get_address_and_port = lambda: (LOOPBACK, port)
 
 
 def _private_token_file() -> None:
