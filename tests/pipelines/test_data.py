@@ -625,3 +625,26 @@ def test_the_train_stage_stream_applies_the_protocol(mnist_like, ray_local):
     assert not v1[:, :, :, :2].any() and not v1[:, :, :, 30:].any()
     p = grey[:, :, 2:30, 2:30]
     assert abs(v1[:, :, 2:30, 2:30].mean().item() - p.mean().item()) < 0.02
+
+
+def test_a_dataset_made_by_an_older_protocol_is_refused(tmp_path):
+    _fake_mnist(tmp_path / "cache")
+    cfg = DataConfig(source="mnist", cache_dir=str(tmp_path / "cache"), path=str(tmp_path / "mnist"))
+    made = ensure_dataset(cfg, progress=False)
+    assert made.source["protocol"] == prepare_mod.PROTOCOLS["mnist"] == 2
+    assert ensure_dataset(cfg, progress=False).sha256 == made.sha256  # the current protocol is reused
+    # A dataset written before the pad (no protocol recorded) would train on resized digits: refused, with the fix.
+    path = tmp_path / "mnist" / "dataset.json"
+    doc = json.loads(path.read_text())
+    del doc["source"]["protocol"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=r"older vaepipe \(protocol 1; now 2.*vaepipe data prepare mnist .*--overwrite"):
+        ensure_dataset(cfg, progress=False)
+    # Sources whose protocol never changed are not affected.
+    digits = DataConfig(source="digits", path=str(tmp_path / "digits"))
+    ensure_dataset(digits, progress=False)
+    path = tmp_path / "digits" / "dataset.json"
+    doc = json.loads(path.read_text())
+    del doc["source"]["protocol"]
+    path.write_text(json.dumps(doc))
+    assert ensure_dataset(digits, progress=False).name == "digits-8"
