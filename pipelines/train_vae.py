@@ -34,6 +34,7 @@ from pipelines.common import (
     storage_path,
 )
 from pipelines.config import PipelineConfig, dump_config
+from pipelines.redaction import redact_mapping
 from vae.config import ConfigError
 
 STAGE = "train"
@@ -271,7 +272,7 @@ def save_checkpoint(state: TrainState, directory: Path, cfg: PipelineConfig, bat
         "batches_into_epoch": batches_into_epoch,
         "skipped_total": state.skipped_total,
         "rng": _rng_state(),
-        "config": cfg.to_dict(),
+        "config": redact_mapping(cfg.to_dict()),  # checkpoints become artifacts: no credentials in them
     }
     torch.save(payload, directory / STATE_FILE)
     (directory / "config.yaml").write_text(dump_config(cfg))
