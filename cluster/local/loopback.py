@@ -95,9 +95,10 @@ class LoopbackCluster:
         root = tempfile.mkdtemp(prefix="vpc", dir="/tmp")
         node_env = dict(os.environ if env is None else env)
         node_env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # A raylet gives its agents 15 s to come up and then aborts; several nodes starting on 2 busy cores need more.
+        # Longer waits for nodes starting on 2 busy cores.
         node_env.setdefault("RAY_agent_register_timeout_ms", "600000")
         node_env.setdefault("RAY_worker_register_timeout_seconds", "600")
+        node_env.setdefault("RAY_raylet_start_wait_time_s", "600")  # how long a raylet waits for its agents
         node_env.pop("RAY_ADDRESS", None)
         # Jobs run `python` and `vaepipe` from the interpreter's directory (the venv).
         node_env["PATH"] = f"{Path(sys.executable).parent}:{node_env.get('PATH', '')}"
@@ -107,9 +108,21 @@ class LoopbackCluster:
             cluster._start_node("head", head_cpus, object_store_mb, head=True, gcs_port=gcs_port, dash_port=dash_port)
             cluster.wait_for_dashboard(timeout_s)
             cluster.wait_for_nodes(1, timeout_s)  # workers look the head node up in the GCS when they start
+            # One node at a time, and again when one gives up: a raylet aborts when its agents take more than
+            # ~15 s to start, which happens when several nodes start at once on a busy machine.
             for i in range(1, workers + 1):
-                cluster.add_worker(f"w{i}", worker_cpus, object_store_mb)
-            cluster.wait_for_nodes(workers + 1, timeout_s)
+                for attempt in range(3):
+                    node = cluster.add_worker(f"w{i}", worker_cpus, object_store_mb)
+                    try:
+                        cluster.wait_for_nodes(i + 1, timeout_s)
+                        break
+                    except RuntimeError:
+                        if attempt == 2:
+                            raise
+                        cluster.nodes.remove(node)
+                        _kill_group(node.pid, signal.SIGKILL)
+                        _kill_marked(node.temp_dir)
+                        shutil.rmtree(node.temp_dir, ignore_errors=True)
         except BaseException:
             cluster.stop()
             raise
