@@ -43,7 +43,8 @@ def free_port() -> int:
 # cores take longer.
 _RAY_START_ON_LOOPBACK = (
     "import sys, time\n"
-    "from ray._private import services\n"
+    "from ray._private import ray_constants, services\n"
+    "ray_constants.ENABLE_RAY_CLUSTER = True  # let worker nodes join (the variable below turns it off)\n"
     "services.resolve_ip_for_localhost = lambda host: host\n"
     f"services.get_node_ip_address = lambda address=None: {LOOPBACK!r}\n"
     "_get_node = services.get_node\n"
@@ -100,6 +101,9 @@ class LoopbackCluster:
         node_env.setdefault("RAY_worker_register_timeout_seconds", "600")
         node_env.setdefault("RAY_raylet_start_wait_time_s", "600")  # how long a raylet waits for its agents
         node_env.pop("RAY_ADDRESS", None)
+        # Every process the nodes start (agents, job drivers, workers) connects to 127.0.0.1 as given; with Ray's
+        # default they rewrite it to the machine's network address, where nothing listens.
+        node_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         # Jobs run `python` and `vaepipe` from the interpreter's directory (the venv).
         node_env["PATH"] = f"{Path(sys.executable).parent}:{node_env.get('PATH', '')}"
         gcs_port, dash_port = free_port(), free_port()
