@@ -128,13 +128,15 @@ def test_pipeline_as_a_ray_job_uses_every_node(loopback_cluster, cluster_driver,
     assert code == 0, (out.out + out.err)[-4000:]
     assert "SUCCEEDED" in out.out
 
-    names = loopback_cluster.node_ids()
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)]
+    names, state = loopback_cluster.node_ids(), loopback_cluster.dashboard
+    workers = [a for a in list_actors(address=state, filters=[("class_name", "=", "RayTrainWorker")], limit=1000,
+                                                  detail=True)]
     assert {names.get(a.node_id) for a in workers} == {"w1", "w2"}, [(a.node_id, a.state) for a in workers]
-    groups = list_tasks(filters=[("func_or_class_name", "=", "train_group")], limit=1000, detail=True)
+    groups = list_tasks(address=state, filters=[("func_or_class_name", "=", "train_group")], limit=1000,
+                        detail=True)
     assert len({t.task_id for t in groups}) == 4
     assert len({names.get(t.node_id) for t in groups}) >= 2, [names.get(t.node_id) for t in groups]
-    trials = list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=1000, detail=True)
+    trials = list_actors(address=state, filters=[("class_name", "=", "ImplicitFunc")], limit=1000, detail=True)
     assert {names.get(a.node_id) for a in trials} == {"w1", "w2"}, [names.get(a.node_id) for a in trials]
 
     import mlflow
