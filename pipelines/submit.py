@@ -130,7 +130,14 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 
     shown = redact_url(address)
     try:
-        r = requests.get(f"{address}/api/version", timeout=timeout_s)
+        # The same token header the Jobs SDK sends (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or ~/.ray/auth_token).
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        headers = get_auth_headers_if_auth_enabled({})
+    except Exception:  # an older Ray without token auth
+        headers = {}
+    try:
+        r = requests.get(f"{address}/api/version", timeout=timeout_s, headers=headers)
     except requests.exceptions.Timeout:
         raise UserError(
             f"the Ray dashboard at {shown} did not answer within {timeout_s:.0f} s; check the address and port "
