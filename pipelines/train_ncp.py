@@ -39,13 +39,16 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _batches_fn(data_path: str, batch_size: int, seed: int):
+def _batches_fn(data_path: str, batch_size: int, seed: int, binarize: str = "none"):
     from pipelines.data import ParquetImageReader
 
+    # The data protocol the VAE was trained under: with dynamic binarisation training draws change every epoch and
+    # validation draws are fixed by the seed.
     readers = {
         "train": ParquetImageReader(data_path, "train", batch_size=batch_size, shuffle=True, seed=seed,
-                                    drop_last=True),
-        "val": ParquetImageReader(data_path, "val", batch_size=batch_size, verify=False),
+                                    drop_last=True, binarize=binarize),
+        "val": ParquetImageReader(data_path, "val", batch_size=batch_size, verify=False, binarize=binarize,
+                                  seed=seed),
     }
 
     def batches(split: str):
@@ -55,7 +58,7 @@ def _batches_fn(data_path: str, batch_size: int, seed: int):
     return batches
 
 
-def train_group(vae, k: int, data_path: str, ncp_config: dict) -> dict[str, Any]:
+def train_group(vae, k: int, data_path: str, ncp_config: dict, binarize: str = "none") -> dict[str, Any]:
     """One Ray task: the classifier of latent group k. Returns its weights (bytes), history and timing."""
     import os
 
@@ -70,7 +73,7 @@ def train_group(vae, k: int, data_path: str, ncp_config: dict) -> dict[str, Any]
         shown = "  ".join(f"{name.split('/')[1]} {v:.3f}" for name, v in metrics.items() if name.startswith("val/"))
         print(f"[ncp] group {k:02d}  step {step}/{cfg.steps}  {shown}", flush=True)
 
-    classifier, history = train_group_classifier(vae, k, _batches_fn(data_path, cfg.batch_size, cfg.seed + k),
+    classifier, history = train_group_classifier(vae, k, _batches_fn(data_path, cfg.batch_size, cfg.seed + k, binarize),
                                                  cfg, progress=progress)
     buf = io.BytesIO()
     torch.save({k_: v.cpu() for k_, v in classifier.state_dict().items()}, buf)
@@ -170,7 +173,7 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
     init_ray(ray_address)
     task = ray.remote(train_group).options(**group_task_options(n))
     vae_ref = ray.put(vae)
-    pending = {task.remote(vae_ref, k, cfg.data.path, n.to_dict()): k for k in todo}
+    pending = {task.remote(vae_ref, k, cfg.data.path, n.to_dict(), cfg.data.binarize): k for k in todo}
     print(f"[ncp] {len(todo)} classifier task(s) on Ray ({n.cpus_per_group} CPU, {n.gpus_per_group} GPU each); "
           f"MLflow run {run_id}", flush=True)
     t0 = time.time()
@@ -244,14 +247,15 @@ def evaluate_ncp(cfg: PipelineConfig, tracker, run_id: str, model) -> dict[str, 
     n = cfg.ncp
     split = "val" if _has_split(cfg.data.path, "val") else "test"
     metrics: dict[str, float] = {}
-    reader = ParquetImageReader(cfg.data.path, split, batch_size=n.sample_batch_size, verify=False)
+    reader = ParquetImageReader(cfg.data.path, split, batch_size=n.sample_batch_size, verify=False,
+                                binarize=cfg.data.binarize, seed=n.seed)
     gain = model.ncp_gain((b["image"] for b in reader))
     for k, g in enumerate(gain["gain"]):
         metrics[f"{split}/kl_reduction/group_{k:02d}"] = g
     metrics[f"{split}/kl_reduction_total"] = gain["total"]
     metrics["ncp/log_z/group_00"] = model.log_z_estimate(0)
 
-    real = load_split(cfg.data.path, split)["image"]
+    real = load_split(cfg.data.path, split, binarize=cfg.data.binarize, seed=n.seed)["image"]
     real = real[:min(n.eval_samples, len(real))]
     grids: dict[str, torch.Tensor] = {}
 

@@ -58,7 +58,7 @@ def test_plan_gives_every_rank_whole_batches_and_refuses_too_small_data():
 
 @pytest.mark.slow
 def test_two_workers_train_register_and_the_model_loads_in_a_fresh_process(ray_local, digits16, mlflow_store, tmp_path):
-    cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=5, batch_size=32, num_workers=2, cpus_per_worker=1,
+    cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=5, batch_size=64, num_workers=2, cpus_per_worker=1,
                    checkpoint_every_steps=50)
     result = run_train(cfg)
     client = mlflow.MlflowClient(mlflow_store.tracking_uri)
@@ -131,7 +131,7 @@ def test_resume_continues_at_the_same_step_with_identical_state(ray_local, digit
 
 @pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits16, mlflow_store, tmp_path):
-    cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=3, batch_size=32, num_workers=2,
+    cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=3, batch_size=64, num_workers=2,
                    checkpoint_every_steps=10, max_failures=1)
     cfg = cfg.replace(train=cfg.train.replace(log_every_steps=5))
     killed: dict = {}
