@@ -221,12 +221,13 @@ def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1
 
             metrics.update(ncp_likelihood_metrics(model, x, ncp_k, ncp_z_samples))
     if kind == "GWAE" and manifest.factor_names and arrays["factors"].shape[1]:
-        from vae.factor_metrics import dci, psnr
+        from vae.factor_metrics import dci, discrete_factors, psnr
 
         with torch.no_grad():
             mu, _ = model.encode(x)
             metrics["eval/psnr"] = psnr(x, model.reconstruct(x)).mean().item()
-        scores = dci(mu.numpy(), arrays["factors"][:max_examples].numpy())
+        factors = arrays["factors"][:max_examples].numpy()
+        scores = dci(mu.numpy(), factors, discrete_factors=discrete_factors(factors))
         metrics.update({f"eval/dci_{k_}": float(v) for k_, v in scores.items()})
     tags: dict[str, str] = {}
     if samples > 0 and len(x) > 3:

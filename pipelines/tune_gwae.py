@@ -52,11 +52,11 @@ import tune_spaces
 from pipelines.common import StageResult, ending_runs, find_interrupted_run, init_ray, storage_path
 from pipelines.config import PipelineConfig, load_config
 from vae.config import ConfigError
+from vae.factor_metrics import discrete_factors
 
 STAGE = "tune"
 STATE_FILE = "state.pt"
 SEARCHED_SECTIONS = ("gwae",)
-MAX_DISCRETE_VALUES = 16  # a factor whose values are this few integers is a class (DCI classifies it)
 # Per-epoch training averages: train_step's key -> the reported name.
 TRAIN_TERMS = {"loss": "loss", "gw": "loss_gw", "w": "loss_w", "d": "loss_d", "h": "loss_h",
                "critic_w1": "critic_w1", "critic_gp": "critic_gp"}
@@ -115,12 +115,6 @@ def load_trial_data(cfg: PipelineConfig, manifest, split: str = "val") -> dict[s
     n = t.eval_examples
     return {"train": images, "eval_images": val_images[:n], "eval_factors": val_factors[:n],
             "eval_labels": val_labels[:n], "ood_images": ood}
-
-
-def discrete_factors(factors: np.ndarray) -> tuple[int, ...]:
-    """Columns with at most MAX_DISCRETE_VALUES distinct whole-number values (e.g. the shape class)."""
-    columns = (np.unique(factors[:, k]) for k in range(factors.shape[1]))
-    return tuple(k for k, v in enumerate(columns) if len(v) <= MAX_DISCRETE_VALUES and np.all(v == np.round(v)))
 
 
 def reported_metrics(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], manifest) -> tuple[str, ...]:
@@ -612,10 +606,10 @@ def objective_plot(table, space: Mapping[str, tune_spaces.Param], metric: str) -
     return buf.getvalue()
 
 
-def asha_check(results, metric: str, grace_period: int) -> tuple[int, int]:
-    """(trials whose `metric` at the grace period was above its value at initialisation, trials that reached the
-    grace period): ASHA's first cut compares trials there, and a cut on a metric still at its initial value is a
-    cut on noise."""
+def asha_check(results, metric: str, grace_period: int, mode: str = "max") -> tuple[int, int]:
+    """(trials whose `metric` at the grace period was better than its value at initialisation (above it for
+    mode "max", below for "min"), trials that reached the grace period): ASHA's first cut compares trials there, and
+    a cut on a metric still at its initial value is a cut on noise."""
     above = reached = 0
     for r in results:
         h = r.metrics_dataframe
@@ -624,7 +618,8 @@ def asha_check(results, metric: str, grace_period: int) -> tuple[int, int]:
         reached += 1
         init = h["metric_at_init"].dropna()
         at_grace = float(h.loc[h["epoch"] == grace_period, metric].iloc[-1])
-        above += bool(len(init)) and at_grace > float(init.iloc[0])
+        better = at_grace > float(init.iloc[0]) if mode == "max" else at_grace < float(init.iloc[0])
+        above += bool(len(init)) and better
     return above, reached
 
 
@@ -653,10 +648,10 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
     counts = {"trials": len(table), "failed_trials": len(failed), "trial_epochs": trial_epochs,
               "stopped_early": int((table["outcome"] == "stopped_early").sum()), "collapsed_trials": collapsed}
     if t.scheduler == "asha":
-        above, reached = asha_check(results, t.metric, t.grace_period)
+        above, reached = asha_check(results, t.metric, t.grace_period, t.mode)
         counts["asha_above_init"] = above
         if reached and above < reached:
-            print(f"[tune] warning: at ASHA's grace period ({t.grace_period} epochs) {t.metric} was above its value "
+            print(f"[tune] warning: at ASHA's grace period ({t.grace_period} epochs) {t.metric} was better than its value "
                   f"at initialisation in only {above} of {reached} trials; cuts there rank noise: raise "
                   f"tune.grace_period or tune.steps_per_epoch", flush=True)
     tracker.log_metrics(run_id, counts, step=0)

@@ -73,6 +73,18 @@ def dci_from_importances(importance: np.ndarray) -> tuple[float, float]:
     return disentanglement, float(completeness_k.mean())
 
 
+# A factor whose values are this few whole numbers is a class, which DCI classifies rather than regresses.
+MAX_DISCRETE_VALUES = 16
+
+
+def discrete_factors(factors: ArrayLike) -> tuple[int, ...]:
+    """Columns of `factors` (N, K) with at most MAX_DISCRETE_VALUES distinct whole-number values (e.g. a shape
+    class): the `discrete_factors` argument of `dci`."""
+    factors = np.asarray(factors)
+    columns = (np.unique(factors[:, k]) for k in range(factors.shape[1]))
+    return tuple(k for k, v in enumerate(columns) if len(v) <= MAX_DISCRETE_VALUES and np.all(v == np.round(v)))
+
+
 def dci(
     codes: ArrayLike,
     factors: ArrayLike,

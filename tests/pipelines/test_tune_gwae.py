@@ -355,3 +355,18 @@ def test_an_interrupted_search_resumes_into_the_same_runs(ray_local, regions16, 
         assert sorted(set(steps)) == [1, 2, 3] and steps.count(1) == 1, steps
         assert run.info.status == "FINISHED"
     assert mlflow.pytorch.load_model(result.model_uri).config.z_dim == 4
+
+
+def test_asha_check_compares_in_the_direction_of_the_mode():
+    from types import SimpleNamespace
+
+    from pipelines.tune_gwae import asha_check
+
+    def trial(at_init: float, at_grace: float):
+        frame = pd.DataFrame({"epoch": [1, 2], "objective": [at_init, at_grace], "metric_at_init": [at_init, None]})
+        return SimpleNamespace(metrics_dataframe=frame)
+
+    results = [trial(0.1, 0.5), trial(0.5, 0.1), SimpleNamespace(metrics_dataframe=None)]
+    assert asha_check(results, "objective", 2, "max") == (1, 2)
+    assert asha_check(results, "objective", 2, "min") == (1, 2)
+    assert asha_check(results[:1], "objective", 2, "min") == (0, 1)  # rose, so worse for a loss
