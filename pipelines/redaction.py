@@ -24,9 +24,20 @@ _SECRET_KEY = re.compile(
 )
 
 
+# `?key=value` / `&key=value` whose key names a credential: presigned URLs (X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token), SAS tokens (sig=), `token=`, `password=`.
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;](?:[^=&;#\s]*?)(?:sig|signature|token|credential|pass(?:word|wd)?|secret|api[_-]?key)"
+    r"[^=&;#\s]*=)[^&;#\s]+",
+    re.IGNORECASE,
+)
+
+
 def redact_text(text: str) -> str:
-    """`text` with the user-info of every URI in it masked (an entrypoint, a message, a log line)."""
-    return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    """`text` with the user-info of every URI in it, and query values whose keys name credentials, masked (an
+    entrypoint, a message, a log line)."""
+    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
 def is_secret_key(key: str) -> bool:

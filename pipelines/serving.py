@@ -434,7 +434,10 @@ def _split_datasets(data_path: str, splits: Sequence[str]) -> list:
     manifest = read_manifest(data_path)
     manifest_sha = _manifest_sha256(data_path)
     _, root = resolve(data_path)
-    location = data_path.rstrip("/") if "://" in data_path else root
+    from pipelines.redaction import redact_text
+
+    # A URI may carry credentials (user-info, signed query strings): the store keeps the source for all to read.
+    location = redact_text(data_path.rstrip("/")) if "://" in data_path else root
     schema = Schema([ColSpec("binary", "image"), ColSpec("long", "label", required=False),
                      ColSpec(Array("float"), "factors", required=False)])
     out = []
@@ -501,7 +504,9 @@ def model_card(tracker, name: str, version: str, config: Any, run_id: str) -> st
     tags, metrics = run.data.tags, run.data.metrics
     data_cfg = config.tune.data if family == "gwae" else config.data
     manifest = read_manifest(data_cfg.path)
-    fs_path = data_cfg.path
+    from pipelines.redaction import redact_text
+
+    fs_path = redact_text(data_cfg.path)
     c, h, w = manifest.shape
     splits = " / ".join(f"{s} {n}" for s, n in manifest.splits.items() if n)
     eval_split = "test" if manifest.splits.get("test", 0) else "val"  # eval/ metrics: the held-out split

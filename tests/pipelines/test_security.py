@@ -30,6 +30,11 @@ VAEPIPE = Path(sys.executable).with_name("vaepipe")
     ("https://host:5000/path?q=a@b", "https://host:5000/path?q=a@b"),  # an '@' after the host is no user-info
     ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),  # nor one inside a path
     ("no uri here", "no uri here"),
+    # presigned and SAS URLs carry their credentials in the query
+    ("https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12&x=1",
+     "https://b.s3.amazonaws.com/k?X-Amz-Credential=****&X-Amz-Signature=****&x=1"),
+    ("https://a.blob.core.windows.net/c?sv=2020&sig=S%3D&se=1", "https://a.blob.core.windows.net/c?sv=2020&sig=****&se=1"),
+    ("https://host/p?page=2&token=t0k", "https://host/p?page=2&token=****"),
 ])
 def test_the_user_info_of_any_uri_is_masked(text, shown):
     assert redact_text(text) == shown
