@@ -1,11 +1,14 @@
 """Search spaces for the tune stage: YAML files whose keys name config fields, and the loader that checks them and
 turns them into Ray Tune spaces.
 
-    space = load_space("gwae_weights")            # a file shipped here, or any path to a YAML file
-    check_values(space, cfg)                      # every bound and choice, applied alone to the real config
+    space = load_space("gwae_weights", PipelineConfig)  # a file shipped here, or any path to a YAML file
+    check_values(space, cfg)                             # every bound and choice, applied alone to the real config
     tuner = Tuner(trainable, param_space=to_tune_space(space), ...)
+    cfg = apply(cfg, sampled)                            # a trial's config
 
-A space file maps `section.field` (a field of that PipelineConfig section, e.g. `gwae.lambda_w`) to a distribution:
+The config class is the caller's: a dataclass whose dataclass-typed fields are the sections (e.g. PipelineConfig's
+`gwae`, `train`), with `to_dict()`, a `from_dict()` classmethod that validates, and a ValueError for a bad value.
+A space file maps `section.field` (a field of one of those sections, e.g. `gwae.lambda_w`) to a distribution:
 
     gwae.lambda_w: {type: loguniform, low: 0.1, high: 10}     # low > 0
     gwae.lambda_h: {type: uniform, low: 0.0, high: 0.1}
@@ -14,9 +17,9 @@ A space file maps `section.field` (a field of that PipelineConfig section, e.g. 
     gwae.prior:    {type: choice, values: [np, fnp, gmp]}      # sampled
     gwae.prior:    {type: grid, values: [np, gmp]}             # every value, num_samples times (random search only)
 
-Every mistake is a `ConfigError` naming the file and the line (from yaml's node marks), before any trial starts.
-Importing this package is light: yaml and the standard library only. Ray is imported by `to_tune_space`, and the
-config dataclasses (which live with the models, so torch comes with them) by the checks that need their fields.
+Every mistake is a `SpaceError` (a ValueError) naming the file and the line (from yaml's node marks), before any
+trial starts. Importing this package is light: yaml and the standard library only, nothing of the project. Ray is
+imported by `to_tune_space` alone.
 """
 from __future__ import annotations
 
@@ -26,12 +29,11 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Union
+from typing import Any, Mapping, TypeVar, Union
 
 import yaml
 
-if TYPE_CHECKING:
-    from pipelines.config import PipelineConfig
+C = TypeVar("C")
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 
@@ -45,7 +47,10 @@ TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "grid": (("values",), ()),
 }
 _CONTINUOUS = ("loguniform", "uniform")
-_NUMERIC = ("loguniform", "uniform", "quniform", "randint")
+
+
+class SpaceError(ValueError):
+    """A search space is wrong; the message starts with the file and line ("path:line: ...") and says the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +103,8 @@ class Param:
         return tune.grid_search(list(self.values))
 
 
-def _error(where: str, message: str) -> Exception:
-    from vae.config import ConfigError
-
-    return ConfigError(f"{where}: {message}")
+def _error(where: str, message: str) -> SpaceError:
+    return SpaceError(f"{where}: {message}")
 
 
 def shipped_spaces() -> list[str]:
@@ -124,14 +127,16 @@ def space_path(name_or_path: str | Path) -> Path:
                                     f"{SHIPPED_DIR} ({', '.join(shipped)}){more}")
 
 
-def _sections() -> dict[str, type]:
-    """The PipelineConfig sections a space may name, e.g. {"gwae": GWAEConfig, ...}."""
-    from pipelines.config import PipelineConfig
-    from vae.config import Config
-
-    hints = typing.get_type_hints(PipelineConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(PipelineConfig)
-            if isinstance(hints[f.name], type) and issubclass(hints[f.name], Config)}
+def _sections(config_cls: type) -> dict[str, type]:
+    """The sections of `config_cls` a space may name: its fields typed by a dataclass, e.g. {"gwae": GWAEConfig}."""
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+        raise TypeError(f"config_cls must be a dataclass class such as PipelineConfig, got {config_cls!r}")
+    hints = typing.get_type_hints(config_cls)  # the annotations may be strings (from __future__ import annotations)
+    found = {f.name: hints[f.name] for f in dataclasses.fields(config_cls)
+             if isinstance(hints.get(f.name), type) and dataclasses.is_dataclass(hints[f.name])}
+    if not found:
+        raise TypeError(f"{config_cls.__name__} has no sections (fields typed by a dataclass) for a space to name")
+    return found
 
 
 def _kind(tp: Any) -> str:
@@ -174,28 +179,37 @@ def _mapping(node: yaml.Node, where: str, what: str) -> list[tuple[yaml.ScalarNo
     return node.value
 
 
-def load_space(name_or_path: str | Path, sections: Mapping[str, type] | None = None) -> dict[str, Param]:
+def load_space(name_or_path: str | Path, config_cls: type) -> dict[str, Param]:
     """Read and check a space file: {"gwae.lambda_w": Param(...), ...} in file order.
 
-    `sections` maps section names to their config dataclasses (default: PipelineConfig's). Refused, naming the file
-    and line: YAML errors, keys that are not `section.field` of a known section and field (the closest is
-    suggested), unknown distribution types or options, missing options, low >= high, non-positive loguniform
-    bounds, q <= 0, non-integer randint bounds, continuous types on integer fields, numeric types on fields that
-    are not numbers, and empty or non-scalar value lists.
+    Keys name a field of a section of `config_cls` (its fields typed by a dataclass, e.g. PipelineConfig.gwae).
+    A `SpaceError` naming the file and line refuses: YAML errors, keys that are not `section.field` of a known
+    section and field (the closest is suggested), unknown distribution types or options, missing options,
+    low >= high, non-positive loguniform bounds, q <= 0, non-integer randint bounds, continuous types on integer
+    fields, numeric types on fields that are not numbers, empty or non-scalar value lists, and files that cannot be
+    read as text. A `config_cls` that is not a dataclass with dataclass-typed sections is a TypeError.
     """
+    known = _sections(config_cls)
     path = space_path(name_or_path)
     file = str(path)
-    loader = yaml.SafeLoader(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _error(f"{file}:1", f"cannot read the file as UTF-8 text: {e}") from None
+    try:
+        loader = yaml.SafeLoader(text)  # the reader refuses control characters here
+    except yaml.YAMLError as e:
+        line = text.count("\n", 0, getattr(e, "position", 0)) + 1
+        raise _error(f"{file}:{line}", f"not valid YAML: {e}") from None
     try:
         root = loader.get_single_node()
         if root is None:
             raise _error(f"{file}:1", "the file defines no parameters; add e.g. "
                                       "`gwae.lambda_w: {type: loguniform, low: 0.1, high: 10}`")
-        sections = dict(sections) if sections is not None else _sections()
         space: dict[str, Param] = {}
         for key_node, spec_node in _mapping(root, f"{file}:1", "a search space"):
             where = f"{file}:{key_node.start_mark.line + 1}"
-            space[key_node.value] = _param(key_node.value, spec_node, where, file, loader, sections)
+            space[key_node.value] = _param(key_node.value, spec_node, where, file, loader, known)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else 1
@@ -208,18 +222,18 @@ def load_space(name_or_path: str | Path, sections: Mapping[str, type] | None = N
 
 
 def _param(key: str, node: yaml.Node, where: str, file: str, loader: yaml.SafeLoader,
-           sections: Mapping[str, type]) -> Param:
+           known: Mapping[str, type]) -> Param:
     section, _, field = key.partition(".")
-    if section not in sections or not field or "." in field:
-        hint = difflib.get_close_matches(section, list(sections), n=1)
-        more = f" (did you mean {hint[0]!r}?)" if hint and section not in sections else ""
+    if section not in known or not field or "." in field:
+        hint = difflib.get_close_matches(section, list(known), n=1)
+        more = f" (did you mean {hint[0]!r}?)" if hint and section not in known else ""
         raise _error(where, f"{key!r} must name a config field as section.field, e.g. gwae.lambda_w; sections: "
-                            f"{', '.join(sections)}{more}")
-    names = [f.name for f in dataclasses.fields(sections[section])]
+                            f"{', '.join(known)}{more}")
+    names = [f.name for f in dataclasses.fields(known[section])]
     if field not in names:
         hint = difflib.get_close_matches(field, names, n=1)
         more = f"; did you mean '{section}.{hint[0]}'?" if hint else f"; fields: {', '.join(names)}"
-        raise _error(where, f"{key!r} is not a field of {sections[section].__name__}{more}")
+        raise _error(where, f"{key!r} is not a field of {known[section].__name__}{more}")
     pairs = _mapping(node, where, f"{key}'s distribution ({{type: ..., ...}})")
     lines = {k.value: f"{file}:{k.start_mark.line + 1}" for k, _ in pairs}
     spec = {k.value: loader.construct_object(v, deep=True) for k, v in pairs}
@@ -237,7 +251,7 @@ def _param(key: str, node: yaml.Node, where: str, file: str, loader: yaml.SafeLo
     for name in required:
         if name not in spec:
             raise _error(where, f"{key}: {kind} needs {', '.join(required)}; {name!r} is missing")
-    field_type = typing.get_type_hints(sections[section])[field]
+    field_type = typing.get_type_hints(known[section])[field]
     if kind in ("choice", "grid"):
         return Param(key, kind, values=_values(spec["values"], lines["values"], key), where=where)
     low, high = (_number(lines[k], f"{key}: {k}", spec[k]) for k in ("low", "high"))
@@ -280,8 +294,9 @@ def to_tune_space(space: Mapping[str, Param]) -> dict[str, Any]:
     return {key: param.domain() for key, param in space.items()}
 
 
-def apply(config: "PipelineConfig", values: Mapping[str, Any]) -> "PipelineConfig":
-    """`config` with {"section.field": value} applied, through from_dict so every value is validated."""
+def apply(config: C, values: Mapping[str, Any]) -> C:
+    """`config` with {"section.field": value} applied, through `type(config).from_dict` so every value is validated:
+    a value or combination the config refuses raises the config's own error (e.g. a ConfigError), unwrapped."""
     data = config.to_dict()
     for key, value in values.items():
         section, field = key.split(".", 1)
@@ -289,17 +304,17 @@ def apply(config: "PipelineConfig", values: Mapping[str, Any]) -> "PipelineConfi
     return type(config).from_dict(data)
 
 
-def check_values(space: Mapping[str, Param], config: "PipelineConfig") -> None:
-    """Apply each bound and listed value alone to `config`; the first one it refuses is a ConfigError naming the
-    space's file and line. Combinations of searched values can still clash (they are only known per trial)."""
-    from vae.config import ConfigError
-
+def check_values(space: Mapping[str, Param], config: Any) -> None:
+    """Apply each bound and listed value alone to `config`; the first one it refuses (a ValueError from its
+    validation) is a SpaceError naming the space's file and line and quoting the config's message. Combinations of
+    searched values can still clash (they are only known per trial)."""
     for param in space.values():
         for value in param.candidates():
             try:
                 apply(config, {param.key: value})
-            except ConfigError as e:
+            except ValueError as e:
                 raise _error(param.where, f"{param.key} = {value!r} is refused by the config: {e}") from None
 
 
-__all__ = ["Param", "TYPES", "apply", "check_values", "load_space", "shipped_spaces", "space_path", "to_tune_space"]
+__all__ = ["Param", "SpaceError", "TYPES", "apply", "check_values", "load_space", "shipped_spaces", "space_path",
+           "to_tune_space"]
