@@ -121,7 +121,7 @@ def import_times(stderr: str, top: int = 8) -> dict[str, float]:
         if not m or "." in m.group(2):
             continue
         name = m.group(2)
-        if name in sys.stdlib_module_names or name in OWN or name.startswith("_"):
+        if name in sys.stdlib_module_names or name in OWN or name.startswith("_") or name.endswith("customize"):
             continue
         out[name] = out.get(name, 0.0) + int(m.group(1)) / 1e6
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
@@ -193,18 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python: {args.python}; {args.repeats} timed runs per command after 1 warm-up; wall clock per process")
     for name, cmd in COMMANDS.items():
         print(f"  {name!r}: vaepipe {shlex.join(cmd)}")
-    all_results: dict[Path, list[Result]] = {}
+    all_results: list[list[Result]] = []
     for root in roots:
-        all_results[root] = [measure(root, args.python, name, cmd, args.repeats, args.timeout)
-                             for name, cmd in COMMANDS.items()]
-        report(root, all_results[root])
+        all_results.append([measure(root, args.python, name, cmd, args.repeats, args.timeout)
+                            for name, cmd in COMMANDS.items()])
+        report(root, all_results[-1])
     if args.baseline:
-        new, old = all_results[roots[0]], all_results[roots[1]]
+        new, old = all_results
         print(f"\n== ratio baseline / root (above 1: {roots[0].name} starts faster)")
         for a, b in zip(new, old):
             if a.times and b.times:
                 print(f"  {a.command:<13} median {b.median / a.median:6.2f}x   min {b.best / a.best:6.2f}x")
-    failed = any(r.rc for rs in all_results.values() for r in rs)
+    failed = any(r.rc for rs in all_results for r in rs)
     return 1 if failed else 0
 
 

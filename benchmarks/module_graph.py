@@ -108,26 +108,24 @@ def imports_of(module: str, path: Path) -> list[Import]:
     return found
 
 
-def targets(imp: Import, modules: set[str]) -> set[str]:
-    """The known modules one statement imports (the longest known prefix of each dotted name)."""
-    def known(name: str) -> str | None:
-        parts = name.split(".")
-        for n in range(len(parts), 0, -1):
-            cand = ".".join(parts[:n])
-            if cand in modules:
-                return cand
-        return None
+def targets(imp: Import, modules: set[str]) -> tuple[set[str], set[str]]:
+    """(modules the statement imports, names it imports that the tree has no module for).
 
+    `import a.b` imports module `a.b`; `from a import b` imports module `a.b` when there is one, else module `a`
+    (b is then a name defined in it). A name with no module behind it is an import the tree cannot satisfy, e.g.
+    of a module that was moved.
+    """
     if not imp.names:
-        hit = known(imp.target)
-        return {hit} if hit else set()
-    out = set()
+        return ({imp.target}, set()) if imp.target in modules else (set(), {imp.target})
+    found, missing = set(), set()
     for name in imp.names:
-        hit = known(f"{imp.target}.{name}") if name != "*" else None
-        hit = hit or known(imp.target)
-        if hit:
-            out.add(hit)
-    return out
+        if f"{imp.target}.{name}" in modules:
+            found.add(f"{imp.target}.{name}")
+        elif imp.target in modules:
+            found.add(imp.target)
+        else:
+            missing.add(f"{imp.target}.{name}")
+    return found, missing
 
 
 def is_own(imp: Import, package: str) -> bool:
@@ -179,17 +177,22 @@ def sccs(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out, key=lambda c: (-len(c), c))
 
 
-def build(root: Path, package: str, skip_type_checking: bool) -> tuple[set[str], dict[str, set[str]]]:
+def build(root: Path, package: str, skip_type_checking: bool
+          ) -> tuple[set[str], dict[str, set[str]], list[tuple[str, int, str]]]:
+    """(modules, import graph, unresolved imports as (importer, line, name))."""
     files = source_files(root, package)
     modules = set(files)
     graph: dict[str, set[str]] = {m: set() for m in modules}
+    unresolved: list[tuple[str, int, str]] = []
     for mod, path in files.items():
         for imp in imports_of(mod, path):
             if skip_type_checking and imp.where == "type_checking":
                 continue
             if is_own(imp, package):
-                graph[mod] |= targets(imp, modules) - {mod}
-    return modules, graph
+                found, missing = targets(imp, modules)
+                graph[mod] |= found - {mod}
+                unresolved += [(mod, imp.line, name) for name in sorted(missing)]
+    return modules, graph, unresolved
 
 
 def grimp_graph(root: Path, package: str) -> dict[str, set[str]] | str:
@@ -223,11 +226,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{root / pkg} is not a package (no __init__.py); pass --root the top of a vaepipe checkout")
 
     files = source_files(root, pkg)
-    modules, graph = build(root, pkg, skip_type_checking=False)
-    _, runtime_graph = build(root, pkg, skip_type_checking=True)
+    modules, graph, unresolved = build(root, pkg, skip_type_checking=False)
+    _, runtime_graph, _ = build(root, pkg, skip_type_checking=True)
     n_edges = sum(len(v) for v in graph.values())
     print(f"== {root} : package {pkg}")
     print(f"modules: {len(modules)}   import edges between them: {n_edges} (ast)")
+    namespace = sorted(str(d.relative_to(root)) for d in (root / pkg).rglob("*")
+                       if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))
+                       and not (d / "__init__.py").exists())
+    if namespace:
+        print(f"directories with .py files but no __init__.py (grimp skips them): {', '.join(namespace)}")
+    if unresolved:
+        print(f"imports of {pkg}.* that no file in the tree provides: {len(unresolved)}"
+              + "".join(f"\n  {mod}:{line} {name}" for mod, line, name in unresolved))
 
     g = grimp_graph(root, pkg)
     if isinstance(g, str):
@@ -238,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         if mine == theirs:
             print(f"grimp cross-check: same {len(theirs)} edges")
         else:
-            print(f"grimp cross-check: grimp has {len(theirs)} edges; only in ast: {sorted(mine - theirs)}; "
-                  f"only in grimp: {sorted(theirs - mine)}")
+            print(f"grimp cross-check: grimp has {len(theirs)} edges, ast {len(mine)}")
+            for label, diff in (("only in ast", mine - theirs), ("only in grimp", theirs - mine)):
+                if diff:
+                    print(f"  {label}: " + ", ".join(f"{a} -> {b}" for a, b in sorted(diff)))
 
     for label, gr in (("all imports", graph), ("runtime imports (without `if TYPE_CHECKING:`)", runtime_graph)):
         cycles = sccs(gr)
