@@ -18,12 +18,9 @@ from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
-from vae.config import Config, ConfigError, in_range, non_negative, positive
-from vae.gwae import GWAEConfig
-from vae.ncp import NCPConfig
-from vae.nvae import NVAEConfig
-
-SOURCES = ("digits", "shapes", "regions", "mnist", "cifar10", "celeba64", "folder")
+from pipelines.errors import ConfigError
+from vae.config import Config, in_range, non_negative, positive
+from vae.configs import GWAEConfig, NCPConfig, NVAEConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vae.config import ConfigError
+from pipelines.data import load_split, read_manifest
+from pipelines.errors import ConfigError
+from pipelines.reporting import Ticker
+from pipelines.tracking import dataset_tag
+from pipelines.tracking.runs import service_run
+from vae.quality import (
+    DEFAULT_RECIPE, EXTRACTOR_VERSION, INCEPTION_WEIGHTS_FILE, InceptionScores, SampleQuality, inception_weights_help,
+)
 
 EXPERIMENT = "feature-extractors"
 STAGE = "feature_extractor"
@@ -29,35 +34,11 @@ ARTIFACT_DIR = "extractor"
 ARTIFACT_FILE = "sample_quality.pt"
 
 
-class Ticker:
-    """Progress lines `[label] done/total unit  elapsed  eta` at most every `every_s` seconds (and at the end)."""
-
-    def __init__(self, label: str, total: int, unit: str = "", every_s: float = 10.0) -> None:
-        self.label, self.total, self.unit, self.every_s = label, max(1, int(total)), unit, every_s
-        self.t0 = time.perf_counter()
-        self.last = -math.inf
-
-    def __call__(self, done: int, extra: str = "") -> None:
-        from pipelines.common import format_eta
-
-        now = time.perf_counter()
-        if now - self.last < self.every_s and done < self.total:
-            return
-        self.last = now
-        elapsed = now - self.t0
-        eta = format_eta(elapsed / done * (self.total - done)) if done > 0 else "?"
-        unit = f" {self.unit}" if self.unit else ""
-        print(f"[{self.label}] {done}/{self.total}{unit}  {format_eta(elapsed)} elapsed  eta {eta}"
-              + (f"  {extra}" if extra else ""), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------- feature extractor
 
 
 def extractor_key(recipe: dict[str, Any] | None = None) -> str:
     """16 hex digits naming the extractor's recipe and code version: a different key is a different feature space."""
-    from vae.quality import DEFAULT_RECIPE, EXTRACTOR_VERSION
-
     content = {"version": EXTRACTOR_VERSION, "recipe": {**DEFAULT_RECIPE, **(recipe or {})}}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -76,16 +57,13 @@ def feature_extractor(tracker, data_path: str, recipe: dict[str, Any] | None = N
     """(SampleQuality, run_id): the extractor of the dataset at `data_path`, downloaded from MLflow when one was
     logged for the same content and recipe, else trained on its train split (labels when every image has one,
     rotations otherwise), logged, and returned. Prints what it does, and an ETA while training."""
-    from pipelines.data import read_manifest
-    from vae.quality import SampleQuality
-
     manifest = read_manifest(data_path)
     sha, key = manifest.sha256, extractor_key(recipe)
     run = find_extractor_run(tracker, sha, key)
     if run is not None:
         local = tracker.download_artifacts(run.info.run_id, f"{ARTIFACT_DIR}/{ARTIFACT_FILE}")
         quality = SampleQuality.from_state(torch.load(local, map_location="cpu", weights_only=True))
-        acc = run.data.metrics.get("val_accuracy")
+        acc = run.data.metrics.get("val/accuracy")
         print(f"[quality] feature extractor of {manifest.name} (sha256 {sha[:12]}): reusing run {run.info.run_id}"
               + (f" (held-out accuracy {acc:.3f})" if acc is not None else ""), flush=True)
         return quality, run.info.run_id
@@ -93,29 +71,23 @@ def feature_extractor(tracker, data_path: str, recipe: dict[str, Any] | None = N
 
 
 def _train_and_log(tracker, data_path: str, manifest, key: str, recipe: dict[str, Any]):
-    from pipelines.common import ending_runs
-    from pipelines.data import load_split
-    from pipelines.tracking import dataset_tag, git_commit
-    from vae.quality import SampleQuality
-
     train = load_split(data_path, "train")
     labels = train["label"] if manifest.label_names and int(train["label"].min()) >= 0 else None
     task = "labels" if labels is not None else "rotations"
-    tags = {"vaepipe.stage": STAGE, "vaepipe.dataset": dataset_tag(data_path),
-            "vaepipe.dataset_sha256": manifest.sha256, "vaepipe.extractor_key": key,
-            "vaepipe.git_commit": git_commit(), "vaepipe.source_model": "none"}
-    exp_id = tracker.experiment_id(EXPERIMENT)
-    run_id = tracker.client.create_run(exp_id, tags=tags, run_name=f"{manifest.name}-{manifest.sha256[:8]}").info.run_id
-    print(f"[quality] no feature extractor for {manifest.name} (sha256 {manifest.sha256[:12]}) yet: training one on "
-          f"{len(train['image'])} train images ({task}), once; MLflow run {run_id} in vaepipe/{EXPERIMENT}", flush=True)
-    with ending_runs(tracker, run_id):
+    tags = {"vaepipe.dataset": dataset_tag(data_path), "vaepipe.dataset_sha256": manifest.sha256,
+            "vaepipe.extractor_key": key}
+    with service_run(tracker, EXPERIMENT, STAGE, tags, run_name=f"{manifest.name}-{manifest.sha256[:8]}") as run:
+        run_id = run.run_id
+        print(f"[quality] no feature extractor for {manifest.name} (sha256 {manifest.sha256[:12]}) yet: training one "
+              f"on {len(train['image'])} train images ({task}), once; MLflow run {run_id} in vaepipe/{EXPERIMENT}",
+              flush=True)
         epochs = {**_default_recipe(), **recipe}["epochs"]
         ticker = Ticker("quality", epochs, "epochs", every_s=0.0)
 
         def progress(info: dict[str, Any]) -> None:
             ticker(info["epoch"], f"loss {info['train_loss']:.3f}  held-out accuracy {info['val_accuracy']:.3f}")
-            tracker.log_metrics(run_id, {"train_loss": info["train_loss"], "val_accuracy": info["val_accuracy"]},
-                                step=info["epoch"])
+            run.log_metrics({"train/loss": info["train_loss"], "val/accuracy": info["val_accuracy"]},
+                            step=info["epoch"])
 
         quality = SampleQuality.fit(train["image"], labels, progress=progress, **recipe)
         tracker.log_params(run_id, {**{f"recipe.{k}": v for k, v in quality.recipe.items()}, "task": quality.task,
@@ -128,8 +100,6 @@ def _train_and_log(tracker, data_path: str, manifest, key: str, recipe: dict[str
 
 
 def _default_recipe() -> dict[str, Any]:
-    from vae.quality import DEFAULT_RECIPE
-
     return dict(DEFAULT_RECIPE)
 
 
@@ -140,8 +110,6 @@ def inception_weights_path(tracker, spec: str, where: str) -> str:
     """A local file for the Inception weights named by `spec`: a local path (or file:// URI), or an MLflow artifact
     URI (runs:/RUN_ID/PATH, mlflow-artifacts:/..., models:/..., s3://..., any URI MLflow can download). `where` is
     the setting that holds `spec`, for the error messages."""
-    from vae.quality import INCEPTION_WEIGHTS_FILE, inception_weights_help
-
     spec = spec.strip()
     if spec.startswith("file://"):
         spec = spec[len("file://"):]
@@ -167,8 +135,6 @@ def inception_weights_path(tracker, spec: str, where: str) -> str:
 
 def inception_scorer(tracker, spec: str, where: str):
     """`vae.quality.InceptionScores` on the weights named by `spec`, on CUDA when there is one."""
-    from vae.quality import InceptionScores
-
     path = inception_weights_path(tracker, spec, where)
     try:
         return InceptionScores(path, device="cuda" if torch.cuda.is_available() else "cpu", where=where + " PATH")

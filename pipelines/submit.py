@@ -14,7 +14,6 @@ environment. Secret values are never printed: only a short allow-list of non-sec
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -24,15 +23,14 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from pipelines.cli import UserError, add_config_args
-from pipelines.redaction import has_credentials, split_credentials
+from pipelines.errors import UserError
+from pipelines.redaction import MASK, has_credentials, redact_text, split_credentials
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -48,7 +46,6 @@ SHOWN_ENV = frozenset({
     "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME",
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "RAY_AUTH_MODE",
 })
-MASK = "****"
 # pip expands ${VAR} in the requirements file Ray writes on the node; the runtime-env agent sets this variable to
 # the uploaded working directory, so pip installs the project itself, with its console script and dependencies.
 PROJECT_REQUIREMENT = "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"
@@ -97,38 +94,17 @@ def normalize_address(address: str | None) -> str:
         elif address == "auto" or re.fullmatch(r"[\w.-]+:\d+", address):
             hint = " (HOST:PORT without http:// looks like the GCS address, port 6379; jobs go to the dashboard)"
         raise UserError(
-            f"{source}={redact_url(address)!r} is not the Ray dashboard's HTTP address{hint}; "
+            f"{source}={redact_text(address)!r} is not the Ray dashboard's HTTP address{hint}; "
             f"use http://HEAD:8265 (or https://... behind a proxy)"
         )
     return address
-
-
-def redact_url(url: str) -> str:
-    """`url` with any user:password@ replaced, for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{MASK}@{host}", parts.path, parts.query, parts.fragment))
-
-
-def redact_text(text: str) -> str:
-    """Every `scheme://user:password@` inside `text` (an entrypoint with --set overrides) masked."""
-    from pipelines.redaction import redact_text as _redact
-
-    return _redact(text)
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
     """One bounded HTTP request before the SDK's own, which has no timeout and would hang on a silent host."""
     import requests
 
-    shown = redact_url(address)
+    shown = redact_text(address)
     try:
         # The same token header the Jobs SDK sends (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or ~/.ray/auth_token).
         from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
@@ -187,9 +163,9 @@ def connect(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> "JobSu
         with _without_address_env():
             return JobSubmissionClient(address)
     except AuthenticationError as e:
-        raise UserError(f"the Ray cluster at {redact_url(address)} refused our credentials: {e}") from None
+        raise UserError(f"the Ray cluster at {redact_text(address)} refused our credentials: {e}") from None
     except (ConnectionError, RuntimeError) as e:
-        raise UserError(f"cannot use the Ray Jobs API at {redact_url(address)}: {e}") from None
+        raise UserError(f"cannot use the Ray Jobs API at {redact_text(address)}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------- runtime env
@@ -226,7 +202,7 @@ def forwarded_env(environ: Mapping[str, str], extra: Sequence[str] = ()) -> dict
 
 def mask_env(env: Mapping[str, str]) -> dict[str, str]:
     """Values safe to print: allow-listed settings in clear (credentials in URLs redacted), the rest masked."""
-    return {k: (redact_url(v) if k in SHOWN_ENV else MASK) for k, v in sorted(env.items())}
+    return {k: (redact_text(v) if k in SHOWN_ENV else MASK) for k, v in sorted(env.items())}
 
 
 def find_project_root(config_path: Path) -> Path:
@@ -521,12 +497,12 @@ def follow_job(
 
 
 def follow_up_commands(job_id: str, address: str) -> str:
-    a = shlex.quote(redact_url(address))
+    a = shlex.quote(redact_text(address))
     return (
         f"  logs:    vaepipe jobs logs {job_id} --address {a} --follow\n"
         f"  status:  vaepipe jobs status {job_id} --address {a}\n"
         f"  stop:    vaepipe jobs stop {job_id} --address {a}\n"
-        f"  web:     {redact_url(address)}/#/jobs/{job_id}"
+        f"  web:     {redact_text(address)}/#/jobs/{job_id}"
     )
 
 
@@ -542,192 +518,18 @@ def _tracking_note(cfg: Any, env: Mapping[str, str]) -> str | None:
         )
     host = (urlsplit(uri).hostname or "") if "://" in uri else ""
     if uri.startswith(("sqlite:", "file:", "/")) or host in ("localhost", "127.0.0.1", "::1"):
-        return f"tracking URI {redact_url(uri)} is resolved on the cluster (the head node), not on this machine"
+        return f"tracking URI {redact_text(uri)} is resolved on the cluster (the head node), not on this machine"
     return None
 
 
-def _submit(args: argparse.Namespace) -> int:
-    from pipelines.config import load_config
-
-    config = Path(args.config)
-    cfg = load_config(config, args.overrides)  # a bad config stops here, before any network call
-    working_dir = Path(args.working_dir).resolve() if args.working_dir else find_project_root(config)
-    if not working_dir.is_dir():
-        raise UserError(f"--working-dir {str(working_dir)!r} is not a directory")
-    try:
-        config_rel = config.resolve().relative_to(working_dir)
-    except ValueError:
-        raise UserError(
-            f"config {str(config)!r} is outside the uploaded directory {str(working_dir)!r}; move it inside "
-            f"(e.g. under configs/) or pass --working-dir a directory that holds it"
-        ) from None
-    if not _is_uploaded(working_dir, working_dir / config_rel):
-        raise UserError(
-            f"config {config_rel.as_posix()!r} is excluded from the upload (ALWAYS_EXCLUDED, .gitignore or "
-            f".rayignore), so the job could not read it; keep configs under configs/"
+def tracking_note(cfg: Any, env: Mapping[str, str]) -> str | None:
+    uri = cfg.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return (
+            "no MLFLOW_TRACKING_URI: the job tracks into sqlite inside its working dir on the head node, which goes "
+            "away with the cluster; export MLFLOW_TRACKING_URI=http://MLFLOW_HOST:5000 (cluster/README.md)"
         )
-    env = forwarded_env(os.environ, args.env)
-    entrypoint, override_env = run_entrypoint(config_rel.as_posix(), args.overrides)
-    env.update(override_env)
-    metadata = {"vaepipe.config": config_rel.as_posix(), "vaepipe.name": cfg.name}
-    commit = git_commit(working_dir)
-    if commit:
-        metadata["vaepipe.git_commit"] = commit
-        env.setdefault("VAEPIPE_GIT_COMMIT", commit)  # .git is not uploaded: runs read the commit from here
-    pip = ([] if args.no_pip else [PROJECT_REQUIREMENT]) + list(args.pip)
-    shown_env, secret_env = split_env(env)
-    if secret_env:
-        metadata["vaepipe.secret_env"] = ",".join(sorted(secret_env))  # names only, for `vaepipe jobs status`
-    staging = tempfile.TemporaryDirectory(prefix="vaepipe-submit-")
-    package = write_job_env_package(secret_env, staging.name) if secret_env else None
-    runtime_env = build_runtime_env(working_dir, shown_env, pip or None, package)
-    if package is not None:
-        entrypoint = wrap_entrypoint(entrypoint)
-    excluded = excluded_paths(working_dir)
-
-    client = connect(args.address)
-    address = normalize_address(args.address)
-    print(f"submitting `{redact_text(entrypoint)}` to {redact_url(address)}")
-    print(f"  working dir: {working_dir}")
-    shown = ", ".join(excluded[:_EXCLUDED_SHOWN]) + (f" and {len(excluded) - _EXCLUDED_SHOWN} more"
-                                                      if len(excluded) > _EXCLUDED_SHOWN else "")
-    print(f"  not uploaded ({len(excluded)}: secrets, data, results; .gitignore, .rayignore): {shown or '-'}")
-    print(f"  pip: {', '.join(pip) if pip else '(none: the cluster image provides vaepipe)'}")
-    if env:
-        print("  env: " + ", ".join(f"{k}={v}" for k, v in mask_env(env).items()))
-    note = _tracking_note(cfg, env)
-    if note:
-        print(f"  note: {note}", file=sys.stderr)
-    with staging:  # the secrets' package leaves this machine inside the upload, then goes
-        job_id = submit_job(
-            address,
-            entrypoint,
-            runtime_env,
-            submission_id=args.submission_id,
-            entrypoint_num_cpus=args.entrypoint_num_cpus,
-            metadata=metadata,
-            client=client,
-        )
-    print(f"job {job_id} submitted")
-    print(follow_up_commands(job_id, address), flush=True)
-    if args.no_wait:
-        return 0
-    try:
-        return follow_job(client, job_id)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running (stop it with `vaepipe jobs stop {job_id}`)",
-              file=sys.stderr)
-        return 130
-
-
-def _fmt_time(ms: int | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
-
-
-def _jobs_status(args: argparse.Namespace) -> int:
-    info = job_details(connect(args.address), args.job_id)
-    env_names = sorted(((info.runtime_env or {}).get("env_vars") or {}).keys())
-    rows = [
-        ("job", info.submission_id or info.job_id),
-        ("status", info.status.value),
-        ("message", info.message or ""),
-        ("entrypoint", redact_text(info.entrypoint)),
-        ("started", _fmt_time(info.start_time)),
-        ("ended", _fmt_time(info.end_time)),
-        ("driver exit code", "" if info.driver_exit_code is None else str(info.driver_exit_code)),
-        ("env vars", ", ".join(env_names)),  # names only: the values may be credentials
-    ]
-    rows += [(k, v) for k, v in sorted((info.metadata or {}).items()) if k.startswith("vaepipe.")]
-    for key, value in rows:
-        if value:
-            print(f"{key + ':':18}{value}")
-    return 0
-
-
-def _jobs_logs(args: argparse.Namespace) -> int:
-    client = connect(args.address)
-    job_details(client, args.job_id)  # an unknown id gets a clear error before any log request
-    if not args.follow:
-        sys.stdout.write(client.get_job_logs(args.job_id))
-        return 0
-    try:
-        follow_logs(client, args.job_id, sys.stdout)
-    except KeyboardInterrupt:
-        return 130
-    return report_end(client, wait_until_done(client, args.job_id), sys.stdout, sys.stderr)
-
-
-def _jobs_stop(args: argparse.Namespace, wait_s: float = 30.0) -> int:
-    client = connect(args.address)
-    info = job_details(client, args.job_id)
-    if info.status.is_terminal():
-        print(f"job {args.job_id} already ended: {info.status.value}")
-        return 0
-    client.stop_job(args.job_id)
-    deadline = time.monotonic() + wait_s
-    while not info.status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(0.2)
-        info = job_details(client, args.job_id)
-    print(f"job {args.job_id} {info.status.value if info.status.is_terminal() else 'stopping'}")
-    return 0
-
-
-def _jobs_list(args: argparse.Namespace) -> int:
-    jobs = connect(args.address).list_jobs()
-    jobs = [j for j in jobs if j.submission_id]  # drivers started by `ray.init` on the head are not jobs
-    jobs.sort(key=lambda j: j.start_time or 0)
-    print(f"{'JOB':32} {'STATUS':10} {'STARTED':19}  ENTRYPOINT")
-    for j in jobs:
-        entry = redact_text(j.entrypoint)
-        entry = entry if len(entry) <= 70 else entry[:67] + "..."
-        print(f"{j.submission_id:32} {j.status.value:10} {_fmt_time(j.start_time):19}  {entry}")
-    return 0
-
-
-def _add_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--address",
-        default=None,
-        help="the head's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)",
-    )
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `vaepipe submit` and `vaepipe jobs status|logs|stop|list`."""
-    p = subparsers.add_parser(
-        "submit",
-        help="run `vaepipe run CONFIG` on a Ray cluster as a Ray Job and follow it",
-        description="Validate CONFIG locally, upload the project, and run `vaepipe run CONFIG --set ...` on the "
-        "cluster as a Ray Job; prints the job id, follows its logs and exits with the job's status.",
-    )
-    add_config_args(p)
-    _add_address(p)
-    p.add_argument("--no-wait", action="store_true", help="return after printing the job id")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable; values are never printed)")
-    p.add_argument("--pip", action="append", default=[], metavar="PKG", help="extra pip requirement (repeatable)")
-    p.add_argument("--no-pip", action="store_true",
-                   help="do not pip-install the project on the cluster (its image already has vaepipe)")
-    p.add_argument("--working-dir", default=None, metavar="DIR",
-                   help="directory to upload and run in (default: the project root holding the config)")
-    p.add_argument("--submission-id", default=None, metavar="ID", help="job id to use (default: generated)")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=None, metavar="N",
-                   help="CPUs reserved for the `vaepipe run` driver itself")
-    p.set_defaults(func=_submit)
-
-    jobs = subparsers.add_parser("jobs", help="status, logs, stop and list of Ray Jobs on a cluster")
-    jsub = jobs.add_subparsers(dest="jobs_cmd", required=True, metavar="ACTION")
-    for name, func, text in (
-        ("status", _jobs_status, "show a job's status, timing and vaepipe metadata"),
-        ("logs", _jobs_logs, "print a job's logs"),
-        ("stop", _jobs_stop, "stop a running job"),
-    ):
-        q = jsub.add_parser(name, help=text)
-        q.add_argument("job_id", metavar="JOB_ID")
-        _add_address(q)
-        if name == "logs":
-            q.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
-        q.set_defaults(func=func)
-    q = jsub.add_parser("list", help="list the jobs submitted to the cluster")
-    _add_address(q)
-    q.set_defaults(func=_jobs_list)
+    host = (urlsplit(uri).hostname or "") if "://" in uri else ""
+    if uri.startswith(("sqlite:", "file:", "/")) or host in ("localhost", "127.0.0.1", "::1"):
+        return f"tracking URI {redact_text(uri)} is resolved on the cluster (the head node), not on this machine"
+    return None

@@ -22,12 +22,22 @@ from typing import Any
 
 import torch
 
-from pipelines.common import StageResult, ending_runs, find_interrupted_run, init_ray, png_bytes
+from pipelines import checkpoints
 from pipelines.config import PipelineConfig
-from vae.config import ConfigError
+from pipelines.data import ParquetImageReader, load_split, read_manifest
+from pipelines.errors import ConfigError
+from pipelines.ray_env import init_ray
+from pipelines.registry import load_registered
+from pipelines.reporting import StageResult, png_bytes
+from pipelines.sample_quality import sample_quality_metrics
+from pipelines.tracking import OpenRun, Tracker, stage_run
+from pipelines.tracking.cards import describe_version
+from vae.metrics import sample_grid
+from vae.ncp import NCPVAE, NCPConfig, classifier_for, freeze, train_group_classifier
 
 STAGE = "ncp"
 CLASSIFIER_DIR = "classifiers"
+CHECKPOINT_KIND = "ncp-classifier"
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -40,8 +50,6 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 
 def _batches_fn(data_path: str, batch_size: int, seed: int, binarize: str = "none"):
-    from pipelines.data import ParquetImageReader
-
     # The data protocol the VAE was trained under: with dynamic binarisation training draws change every epoch and
     # validation draws are fixed by the seed.
     readers = {
@@ -62,8 +70,6 @@ def train_group(vae, k: int, data_path: str, ncp_config: dict, binarize: str = "
     """One Ray task: the classifier of latent group k. Returns its weights (bytes), history and timing."""
     import os
 
-    from vae.ncp import NCPConfig, train_group_classifier
-
     cfg = NCPConfig.from_dict(ncp_config)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_group > 0 else "cpu")
     vae = vae.to(device)
@@ -81,43 +87,33 @@ def train_group(vae, k: int, data_path: str, ncp_config: dict, binarize: str = "
             "pid": os.getpid()}
 
 
-def _load_classifiers(tracker, run_id: str, vae, cfg) -> dict[int, Any]:
-    """Classifiers an earlier attempt of this run already logged (for --resume)."""
-    from vae.ncp import classifier_for
-
+def _load_classifiers(run: OpenRun, vae, cfg: NCPConfig) -> dict[int, Any]:
+    """Classifiers an earlier attempt of this run already logged (for --resume): complete checkpoints only."""
     found: dict[int, Any] = {}
-    try:
-        listed = tracker.client.list_artifacts(run_id, CLASSIFIER_DIR)
-    except Exception:
-        return found
-    for art in listed:
+    for art in run.tracker.list_artifacts(run.run_id, CLASSIFIER_DIR):
         name = Path(art.path).name
-        if not (name.startswith("group_") and name.endswith(".pt")):
+        if not (art.is_dir and name.startswith("group_")):
             continue
-        k = int(name[len("group_"):-len(".pt")])
-        local = tracker.download_artifacts(run_id, art.path)
-        clf = classifier_for(vae, k, cfg)
-        clf.load_state_dict(torch.load(local, map_location="cpu"))
-        found[k] = clf.eval()
+        local = run.tracker.download_artifacts(run.run_id, art.path)
+        if not checkpoints.is_complete(local):
+            continue  # cut off while it was being logged: trained again
+        state = checkpoints.load(local, kind=CHECKPOINT_KIND)
+        clf = classifier_for(vae, state["group"], cfg)
+        clf.load_state_dict(state["classifier"])
+        found[state["group"]] = clf.eval()
     return found
 
 
 def run_ncp(
     cfg: PipelineConfig,
-    tracker=None,
+    tracker: Tracker | None = None,
     *,
     model_uri: str | None = None,
     parent_run_id: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     ray_address: str | None = None,
 ) -> StageResult:
     """Train the NCP classifiers of a registered NVAE on Ray, evaluate and register the NCP-VAE."""
-    from pipelines.data import read_manifest
-    from pipelines.registry import load_registered
-    from pipelines.serving import log_dataset_inputs
-    from pipelines.tracking import Tracker, dataset_tag
-    from vae.ncp import freeze
-
     model_uri = model_uri or f"models:/{cfg.name}-nvae@candidate"
     manifest = read_manifest(cfg.data.path)
     tracker = tracker or Tracker.connect(cfg.tracking)
@@ -129,23 +125,13 @@ def run_ncp(
                           f"{cfg.data.path} are {list(manifest.shape)}; point data.path at the model's data set")
     freeze(vae)
     before = fingerprint(vae)
-
-    own_parent = False
-    if resume:
-        run_id = find_interrupted_run(tracker, cfg.name, STAGE).info.run_id
-        tracker.client.set_terminated(run_id, "RUNNING")
-    else:
-        if parent_run_id is None:
-            parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name=STAGE), True
-        run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id,
-                                         dataset_tag=dataset_tag(cfg.data.path), source_model=model_uri)
-        log_dataset_inputs(tracker, run_id, cfg.data.path, ("train", "val", "test"))
-    with ending_runs(tracker, run_id, parent_run_id, own_parent):
-        result = _train_and_register(cfg, tracker, run_id, vae, model_uri, ray_address)
+    with stage_run(tracker, cfg, STAGE, parent_run_id=parent_run_id, resume=resume, data_path=cfg.data.path,
+                   splits=("train", "val", "test"), source_model=model_uri) as run:
+        result = _train_and_register(cfg, run, vae, model_uri, ray_address)
         after = fingerprint(vae)
         if after != before:
             raise RuntimeError(f"the frozen VAE changed during the ncp stage ({before[:12]} → {after[:12]})")
-        tracker.set_tags(run_id, {"vaepipe.vae_fingerprint": after})
+        run.set_tags({"vaepipe.vae_fingerprint": after})
     return result
 
 
@@ -158,15 +144,13 @@ def group_task_options(n) -> dict[str, Any]:
             "max_retries": 2, "retry_exceptions": [RuntimeError]}
 
 
-def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_uri: str,
+def _train_and_register(cfg: PipelineConfig, run: OpenRun, vae, model_uri: str,
                         ray_address: str | None) -> StageResult:
     import ray
 
-    from pipelines.serving import describe_version
-    from vae.ncp import NCPVAE, classifier_for
-
+    tracker, run_id = run.tracker, run.run_id
     n = cfg.ncp
-    classifiers = _load_classifiers(tracker, run_id, vae, n)
+    classifiers = _load_classifiers(run, vae, n)
     todo = [k for k in range(vae.num_groups) if k not in classifiers]
     if classifiers:
         print(f"[ncp] {len(classifiers)} group(s) already trained in run {run_id}; training {todo}", flush=True)
@@ -190,7 +174,7 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
         clf = classifier_for(vae, k, n)
         clf.load_state_dict(torch.load(io.BytesIO(out["state"]), map_location="cpu"))
         classifiers[k] = clf.eval()
-        _log_group(tracker, run_id, k, out, t0)
+        _log_group(cfg, run, k, out, t0)
         spans.append((out["start"], out["end"]))
         print(f"[ncp] group {k:02d} done: val accuracy {out['history']['best_val_accuracy']:.3f}, "
               f"{out['end'] - out['start']:.0f} s", flush=True)
@@ -201,11 +185,11 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
         )
     wall = time.time() - t0
     busy = sum(e - s for s, e in spans)
-    tracker.log_metrics(run_id, {"ncp/wall_seconds": wall, "ncp/task_seconds": busy,
-                                 "ncp/parallelism": busy / wall if wall > 0 else 0.0}, step=0)
+    run.log_metrics({"ncp/wall_seconds": wall, "ncp/task_seconds": busy,
+                     "ncp/parallelism": busy / wall if wall > 0 else 0.0})
 
     model = NCPVAE(vae, [classifiers[k] for k in range(vae.num_groups)], n)
-    metrics = evaluate_ncp(cfg, tracker, run_id, model)
+    metrics = evaluate_ncp(cfg, run, model)
     uri = tracker.log_pytorch_model(run_id, model, name="model",
                                     input_example=torch.zeros(1, *vae.cfg.image_shape).numpy())
     name = f"{cfg.name}-ncp"
@@ -217,33 +201,34 @@ def _train_and_register(cfg: PipelineConfig, tracker, run_id: str, vae, model_ur
                        registered_version=str(version), metrics=metrics)
 
 
-def _log_group(tracker, run_id: str, k: int, out: dict[str, Any], t0: float) -> None:
+def _log_group(cfg: PipelineConfig, run: OpenRun, k: int, out: dict[str, Any], t0: float) -> None:
+    """A finished group: its training curves and timing, and its classifier as a checkpoint directory
+    (`classifiers/group_KK`), logged at once so that a later failure loses nothing already trained."""
     history = out["history"]
     for i, step in enumerate(history["step"]):
         row = {f"{m.split('_', 1)[0]}/{m.split('_', 1)[1]}/group_{k:02d}": history[m][i]
                for m in ("train_nce_loss", "train_accuracy", "val_nce_loss", "val_accuracy")}
-        tracker.log_metrics(run_id, row, step=step)
-    tracker.log_metrics(run_id, {f"best/val_accuracy/group_{k:02d}": history["best_val_accuracy"],
-                                 f"best/val_nce_loss/group_{k:02d}": history["best_val_nce_loss"],
-                                 f"ncp/task_seconds/group_{k:02d}": out["end"] - out["start"],
-                                 # when the task ran, in seconds from the stage's submission: shows the overlap
-                                 f"ncp/task_start/group_{k:02d}": out["start"] - t0,
-                                 f"ncp/task_end/group_{k:02d}": out["end"] - t0}, step=0)
+        run.log_metrics(row, step=step)
+    run.log_metrics({f"best/val_accuracy/group_{k:02d}": history["best_val_accuracy"],
+                     f"best/val_nce_loss/group_{k:02d}": history["best_val_nce_loss"],
+                     f"ncp/task_seconds/group_{k:02d}": out["end"] - out["start"],
+                     # when the task ran, in seconds from the stage's submission: shows the overlap
+                     f"ncp/task_start/group_{k:02d}": out["start"] - t0,
+                     f"ncp/task_end/group_{k:02d}": out["end"] - t0})
+    state = torch.load(io.BytesIO(out["state"]), map_location="cpu")
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"group_{k:02d}.pt"
-        path.write_bytes(out["state"])
-        tracker.log_artifact(run_id, path, artifact_path=CLASSIFIER_DIR)
+        directory = checkpoints.save(Path(d) / f"group_{k:02d}", {
+            "classifier": state, "group": k, "step": cfg.ncp.steps, "history": history,
+        }, cfg, kind=CHECKPOINT_KIND)
+        run.tracker.log_artifacts(run.run_id, directory, artifact_path=f"{CLASSIFIER_DIR}/group_{k:02d}")
 
 
-def evaluate_ncp(cfg: PipelineConfig, tracker, run_id: str, model) -> dict[str, float]:
+def evaluate_ncp(cfg: PipelineConfig, run: OpenRun, model) -> dict[str, float]:
     """On the val split (the test split stays for `vaepipe evaluate`): the KL-reduction estimate per group, log Z of
     the top group, and base vs SIR vs Langevin samples scored by the Fréchet distance in vaepipe's own feature space
     (`val/fd_vaepipe_<method>`, with precision/recall; the extractor is trained once per dataset and reused), plus
     Inception FID/KID when `ncp.inception_weights` is set."""
-    from pipelines.data import ParquetImageReader, load_split
-    from pipelines.sample_quality import sample_quality_metrics
-    from vae.metrics import sample_grid
-
+    tracker, run_id = run.tracker, run.run_id
     n = cfg.ncp
     split = "val" if _has_split(cfg.data.path, "val") else "test"
     metrics: dict[str, float] = {}
@@ -273,8 +258,8 @@ def evaluate_ncp(cfg: PipelineConfig, tracker, run_id: str, model) -> dict[str, 
     scores, tags = sample_quality_metrics(tracker, cfg.data.path, real, draw, ("base", "sir", "langevin"),
                                           n.inception_weights or None, "ncp.inception_weights", "ncp")
     metrics.update({f"{split}/{key}": v for key, v in scores.items()})
-    tracker.set_tags(run_id, tags)
-    tracker.log_metrics(run_id, metrics, step=0)
+    run.set_tags(tags)
+    run.log_metrics(metrics)
     side = torch.cat([sample_grid(grids[m], nrow=6) for m in ("base", "sir", "langevin")], dim=2)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "samples_base_sir_langevin.png"
@@ -290,56 +275,5 @@ def evaluate_ncp(cfg: PipelineConfig, tracker, run_id: str, model) -> dict[str, 
     return {k: v for k, v in metrics.items() if math.isfinite(v) and k.startswith(f"{split}/")}
 
 
-def ncp_likelihood_metrics(model, x: torch.Tensor, k: int, z_samples: int | None = None,
-                           batch_size: int = 64) -> dict[str, float]:
-    """The NCP prior's own importance-weighted NLL of images x (nats per image) with its Monte Carlo error, as
-    `eval/` metrics: `ncp_iw_nll_k{K}`, `..._mc_se` (delta method over the normaliser estimates), `..._mc_bias`
-    (their Jensen bias: the NLL is too low by about this), `ncp_gain_k{K}` (the base NVAE's IW-NLL minus the NCP one on
-    the same draws; > 0: the NCP prior explains the data better), `ncp_log_z_samples` (M) and `ncp_log_z/group_00`."""
-    from pipelines.sample_quality import Ticker
-
-    m = model.cfg.log_z_samples if z_samples is None else int(z_samples)
-    ticker = Ticker(f"evaluate: NCP IW-NLL K={k}, M={m} prior draws per normaliser", len(x) * k, "draws")
-    ticker(0)
-    out = model.importance_weighted_nll(x.split(batch_size), k=k, n_samples=m, progress=ticker)
-    print(f"[evaluate] NCP prior: NLL {out['nll']:.3f} ± {out['mc_se']:.3f} nats (Monte Carlo error of the "
-          f"normalisers; K={k}, M={m}); base NVAE on the same draws {out['base_nll']:.3f}", flush=True)
-    return {f"eval/ncp_iw_nll_k{k}": out["nll"], f"eval/ncp_iw_nll_k{k}_mc_se": out["mc_se"],
-            f"eval/ncp_iw_nll_k{k}_mc_bias": out["mc_bias"], f"eval/ncp_gain_k{k}": out["gain"],
-            "eval/ncp_log_z_samples": float(m), "eval/ncp_log_z/group_00": out["log_z_top"]}
-
-
-def read_labels(path: str) -> tuple[str, ...]:
-    from pipelines.data import read_manifest
-
-    return tuple(read_manifest(path).label_names)
-
-
 def _has_split(path: str, split: str) -> bool:
-    from pipelines.data import read_manifest
-
     return read_manifest(path).splits.get(split, 0) > 0
-
-
-# ---------------------------------------------------------------------------------------------------------------- CLI
-
-
-def _cmd(args) -> int:
-    from pipelines.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    result = run_ncp(cfg, model_uri=args.model, resume=args.resume, ray_address=args.address)
-    print(result.summary())
-    return 0
-
-
-def register(sub) -> None:
-    from pipelines.cli import add_config_args
-
-    p = sub.add_parser("ncp", help="stage 2: noise-contrastive prior classifiers on a frozen NVAE; register <name>-ncp")
-    add_config_args(p)
-    p.add_argument("--model", default=None, metavar="MODEL_URI",
-                   help="the NVAE to improve (default: models:/<name>-nvae@candidate)")
-    p.add_argument("--resume", action="store_true", help="finish the newest interrupted ncp run (missing groups only)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    p.set_defaults(func=_cmd)

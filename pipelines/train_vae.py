@@ -29,27 +29,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.common import (
-    Progress, StageResult, ending_runs, find_interrupted_run, init_ray, loopback_torch_config, png_bytes,
-    storage_path,
-)
-from pipelines.config import PipelineConfig, dump_config
+from pipelines import checkpoints, errors
+from pipelines.config import PipelineConfig
+from pipelines.data import ray_dataset, read_manifest
+from pipelines.data.readers import image_transform, iter_torch_batches
+from pipelines.errors import ConfigError, TrainingError
+from pipelines.ray_env import init_ray, loopback_torch_config, storage_path
 from pipelines.redaction import redact_mapping
-from vae.config import ConfigError
+from pipelines.reporting import Progress, StageResult, png_bytes
+from pipelines.tracking import MetricSink, Tracker, stage_run
+from pipelines.tracking.cards import describe_version
 
 STAGE = "train"
-STATE_FILE = "state.pt"
-COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_KIND = "train"
 PICTURES_DIR = "pictures"
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); the message names likely fixes."""
-
-
-class Diverged(TrainingError):
-    """The model diverged: every rank sees it at the same step (the figures are all-reduced), so the loop ends
-    cleanly instead of failing a worker, which Ray would retry from a checkpoint only to diverge again."""
+class Diverged(errors.Diverged):
+    """Raised in a worker when the model diverged: every rank sees it at the same step (the figures are all-reduced),
+    so the loop ends cleanly instead of failing a worker, which Ray would retry from a checkpoint only to diverge
+    again. The code travels to the driver as the `train/diverged` metric."""
 
     # Codes of the `train/diverged` metric, which carries the divergence to the driver through MLflow.
     NONFINITE_UPDATES, NONFINITE_VALIDATION = 1.0, 2.0
@@ -65,11 +64,6 @@ class Diverged(TrainingError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
-    run_id: str
-    tracking_uri: str
-    data_path: str
-    train_examples: int
-    val_examples: int
     steps_per_epoch: int
     total_steps: int
     heartbeat_dir: str
@@ -259,9 +253,8 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(state: TrainState, directory: Path, cfg: PipelineConfig, batches_into_epoch: int) -> None:
-    """Write one complete checkpoint directory; the marker goes last so a crash mid-write never looks complete."""
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = {
+    """Write one checkpoint directory (pipelines.checkpoints: the marker goes last)."""
+    checkpoints.save(directory, {
         "model": state.model.state_dict(),
         "ema": state.ema.state_dict() if state.ema is not None else None,
         "optimizer": state.optimizer.state_dict(),
@@ -273,20 +266,11 @@ def save_checkpoint(state: TrainState, directory: Path, cfg: PipelineConfig, bat
         "skipped_total": state.skipped_total,
         "rng": _rng_state(),
         "config": redact_mapping(cfg.to_dict()),  # checkpoints become artifacts: no credentials in them
-    }
-    torch.save(payload, directory / STATE_FILE)
-    (directory / "config.yaml").write_text(dump_config(cfg))
-    (directory / COMPLETE_MARKER).write_text(json.dumps({"step": state.step, "time": time.time()}))
+    }, cfg, kind=CHECKPOINT_KIND)
 
 
 def read_checkpoint(directory: str | Path) -> dict[str, Any]:
-    directory = Path(directory)
-    if not (directory / COMPLETE_MARKER).exists() or not (directory / STATE_FILE).exists():
-        raise FileNotFoundError(
-            f"{directory} is not a complete vaepipe checkpoint (no {COMPLETE_MARKER} marker or {STATE_FILE}); "
-            f"it was probably cut off while being written. Use an earlier checkpoint."
-        )
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    return checkpoints.load(directory, kind=CHECKPOINT_KIND)
 
 
 def load_checkpoint(state: TrainState, payload: dict[str, Any], restore_rng: bool) -> int:
@@ -380,8 +364,6 @@ def _heartbeat(plan: TrainPlan, rank: int, step: int) -> None:
 
 
 def _batches(shard, cfg: PipelineConfig, seed: int, train: bool = True):
-    from pipelines.data.readers import image_transform, iter_torch_batches
-
     shuffle = train and cfg.train.shuffle_buffer > 0
     # The data protocol acts as images are drawn: training binarises (and flips) afresh with each epoch's seed;
     # validation binarises with a fixed seed and never flips, so its figures repeat.
@@ -529,39 +511,24 @@ def _report(state: TrainState, metrics: dict, cfg: PipelineConfig, rank: int, wi
 # Controller side: the one writer of metrics and pictures to MLflow.
 
 
-def _make_reporter(run_id: str, tracking_uri: str):
+def _make_reporter(sink: MetricSink):
     import ray.train
 
     class MLflowReporter(ray.train.UserCallback):
-        """Runs on the Ray Train controller: logs rank 0's metrics at their step, pictures as PNG artifacts, and
-        prints the progress line. It survives worker restarts, so a retry never opens a second MLflow run."""
+        """Runs on the Ray Train controller: sends rank 0's metrics at their step through the stage's metric sink
+        (which drops the steps a restarted worker replays), pictures as PNG artifacts, and prints the progress line.
+        It survives worker restarts, so a retry never opens a second MLflow run."""
 
         def __init__(self) -> None:
-            self._client = None
             self._progress: Progress | None = None
 
-        def _mlflow(self):
-            if self._client is None:
-                from mlflow import MlflowClient
-
-                self._client = MlflowClient(tracking_uri=tracking_uri)
-            return self._client
-
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            from mlflow.entities import Metric
-
             m = dict(metrics[0])
             step = int(m.pop("step"))
             epoch, epochs, total = int(m.pop("epoch")), int(m.pop("epochs")), int(m.pop("total_steps"))
-            now = int(time.time() * 1000)
-            # Non-finite values are logged as NaN: a diverging run must show it (MLflow would clamp ±inf).
-            batch = [Metric(k, float(v) if math.isfinite(v) else math.nan, now, step) for k, v in m.items()
-                     if isinstance(v, (int, float))]
-            client = self._mlflow()
-            for i in range(0, len(batch), 900):
-                client.log_batch(run_id, metrics=batch[i:i + 900])
+            sink.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
             if checkpoint is not None:
-                self._log_pictures(client, checkpoint)
+                self._log_pictures(checkpoint)
             if self._progress is None:
                 self._progress = Progress(STAGE, total)
             shown = {"loss": m.get("train/loss", float("nan")), "img/s": m.get("train/images_per_s", float("nan"))}
@@ -569,7 +536,7 @@ def _make_reporter(run_id: str, tracking_uri: str):
                 shown["val_bpd"] = m["val/bpd"]
             print(self._progress.line(step, epoch, epochs, shown), flush=True)
 
-        def _log_pictures(self, client, checkpoint) -> None:
+        def _log_pictures(self, checkpoint) -> None:
             import pyarrow.fs
 
             src = f"{checkpoint.path.rstrip('/')}/{PICTURES_DIR}"
@@ -578,7 +545,7 @@ def _make_reporter(run_id: str, tracking_uri: str):
             with tempfile.TemporaryDirectory() as d:
                 # Copy only the pictures, never the (possibly large, remote) model state.
                 pyarrow.fs.copy_files(src, d, source_filesystem=checkpoint.filesystem)
-                client.log_artifacts(run_id, d, artifact_path=PICTURES_DIR)
+                sink.tracker.log_artifacts(sink.run_id, d, artifact_path=PICTURES_DIR)
 
     return MLflowReporter()
 
@@ -589,8 +556,6 @@ def _make_reporter(run_id: str, tracking_uri: str):
 
 def check_dataset(cfg: PipelineConfig):
     """The dataset must exist, verify, and match the model's image shape — checked before any worker starts."""
-    from pipelines.data import read_manifest
-
     manifest = read_manifest(cfg.data.path)
     if tuple(manifest.shape) != tuple(cfg.nvae.image_shape):
         c, h, w = manifest.shape
@@ -606,17 +571,11 @@ def check_dataset(cfg: PipelineConfig):
     return manifest
 
 
-def _checkpoint_of_run(tracker, run_id: str) -> str:
+def _checkpoint_of_run(tracker: Tracker, run_id: str) -> str:
     """--from-run: the final checkpoint another train run logged as its `checkpoint` artifact."""
-    import mlflow
-
+    tracker.get_run(run_id)  # MissingInputError naming the store when there is no such run
     try:
-        tracker.client.get_run(run_id)
-    except Exception:
-        raise ConfigError(f"--from-run: no run {run_id!r} in {tracker.tracking_uri}; `vaepipe runs list` shows runs") from None
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
-                                                    tracking_uri=tracker.tracking_uri)
+        local = tracker.download_artifacts(run_id, "checkpoint")
     except Exception as e:
         raise ConfigError(f"--from-run: run {run_id} has no 'checkpoint' artifact ({e}); pick a finished train run") from None
     read_checkpoint(local)  # refuses an incomplete one now, not in a worker
@@ -625,22 +584,20 @@ def _checkpoint_of_run(tracker, run_id: str) -> str:
 
 def run_train(
     cfg: PipelineConfig,
-    tracker=None,
+    tracker: Tracker | None = None,
     *,
     parent_run_id: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     from_run: str | None = None,
     ray_address: str | None = None,
 ) -> StageResult:
     """Train the NVAE of `cfg` on Ray Train; log, checkpoint and register it. Everything that can be wrong with the
-    inputs (config, data, tracking server, --resume/--from-run targets) fails here, before any worker starts."""
+    inputs (config, data, tracking server, --resume/--from-run targets) fails here, before any worker starts.
+
+    `resume`: True continues the newest interrupted train run of this config, a run id that run."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipelines.data import ray_dataset
-    from pipelines.serving import log_dataset_inputs
-    from pipelines.tracking import Tracker, dataset_tag
 
     manifest = check_dataset(cfg)
     tracker = tracker or Tracker.connect(cfg.tracking)
@@ -648,66 +605,50 @@ def run_train(
     t = cfg.train
     world = max(1, t.num_workers)
     steps_per_epoch, total_steps = plan_steps(manifest.splits["train"], world, t.worker_batch_size, t.epochs)
-
-    own_parent = False
-    if resume:
-        run = find_interrupted_run(tracker, cfg.name, STAGE)
-        run_id, ray_name = run.info.run_id, run.data.tags["vaepipe.ray_run"]
-        tracker.client.set_terminated(run_id, "RUNNING")
-        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-        if parent and parent != parent_run_id and tracker.client.get_run(parent).info.status != "FINISHED":
-            parent_run_id, own_parent = parent, True  # the standalone train's own pipeline run goes on too
-            tracker.client.set_terminated(parent, "RUNNING")
-        print(f"[train] resuming MLflow run {run_id} (Ray run {ray_name})", flush=True)
-    else:
-        if parent_run_id is None:  # a stage run on its own still hangs under a pipeline run (lineage, `runs list`)
-            parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name="train"), True
-        run_id = tracker.start_stage_run(
-            cfg, STAGE, parent_run_id=parent_run_id, dataset_tag=dataset_tag(cfg.data.path),
-            source_model=f"runs:/{from_run}/checkpoint" if from_run else None,
-        )
-        log_dataset_inputs(tracker, run_id, cfg.data.path, ("train", "val"))
-        ray_name = f"{cfg.name}-train-{run_id[:12]}"
-        tracker.client.set_tag(run_id, "vaepipe.ray_run", ray_name)
-        tracker.client.log_param(run_id, "plan.steps_per_epoch", steps_per_epoch)
-        tracker.client.log_param(run_id, "plan.total_steps", total_steps)
     storage = storage_path(cfg.train.storage_path, cfg.tracking.workdir)
-    plan = TrainPlan(
-        run_id=run_id, tracking_uri=tracker.tracking_uri, data_path=cfg.data.path,
-        train_examples=manifest.splits["train"], val_examples=manifest.splits["val"],
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        heartbeat_dir=str(Path(storage) / ray_name / "heartbeat") if "://" not in storage else tempfile.mkdtemp(),
-        init_checkpoint=init_checkpoint, max_steps=t.max_steps,
-    )
-
     init_ray(ray_address)
     # Same batches in the same order on a rerun: exact resume needs it, and shuffling comes from a seeded buffer.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # On the driver, before any run opens: a corrupt or missing shard stops here.
     datasets = {"train": ray_dataset(cfg.data.path, "train"), "val": ray_dataset(cfg.data.path, "val")}
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
-        torch_config=loopback_torch_config(),  # DDP's rendezvous store on 127.0.0.1 with the local Ray
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=ray_name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[_make_reporter(run_id, tracker.tracking_uri)],
-        ),
-        datasets=datasets,
-    )
-    print(f"[train] {t.num_workers or 1} worker(s) × {t.worker_batch_size} images = global batch {t.batch_size}, "
-          f"{steps_per_epoch} steps/epoch × {t.epochs} epochs; "
-          f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
-    continue_with = ("vaepipe train CONFIG --resume" if own_parent
-                     else f"vaepipe run CONFIG --resume {parent_run_id}")
-    with ending_runs(tracker, run_id, parent_run_id, own_parent):
+    source = f"runs:/{from_run}/checkpoint" if from_run else None
+    with stage_run(tracker, cfg, STAGE, parent_run_id=parent_run_id, resume=resume, data_path=cfg.data.path,
+                   source_model=source, progress_metric="train/loss") as run:
+        run_id = run.run_id
+        if run.resumed:
+            ray_name = run.tags["vaepipe.ray_run"]
+        else:
+            ray_name = f"{cfg.name}-train-{run_id[:12]}"
+            run.set_tags({"vaepipe.ray_run": ray_name})
+            tracker.log_params(run_id, {"plan.steps_per_epoch": steps_per_epoch, "plan.total_steps": total_steps})
+        plan = TrainPlan(
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+            heartbeat_dir=str(Path(storage) / ray_name / "heartbeat") if "://" not in storage else tempfile.mkdtemp(),
+            init_checkpoint=init_checkpoint, max_steps=t.max_steps,
+        )
+        resources = {"CPU": t.cpus_per_worker}
+        if t.use_gpu:
+            resources["GPU"] = t.gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
+            torch_config=loopback_torch_config(),  # DDP's rendezvous store on 127.0.0.1 with the local Ray
+            scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=ray_name,
+                storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                callbacks=[_make_reporter(run.sink)],
+            ),
+            datasets=datasets,
+        )
+        print(f"[train] {t.num_workers or 1} worker(s) × {t.worker_batch_size} images = global batch {t.batch_size}, "
+              f"{steps_per_epoch} steps/epoch × {t.epochs} epochs; "
+              f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
+        continue_with = (f"vaepipe train CONFIG --resume {run_id}" if run.owns_parent
+                         else f"vaepipe run CONFIG --resume {run.parent_run_id}")
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
@@ -716,11 +657,13 @@ def run_train(
                 f"({_first_line(e)}). Continue from the last checkpoint with `{continue_with}` (same config); "
                 f"if workers keep getting lost, give them more memory or raise train.max_failures"
             ) from None
+        except KeyboardInterrupt:
+            print(f"[train] interrupted; continue from the last checkpoint with `{continue_with}`", flush=True)
+            raise
         _stop_if_diverged(cfg, tracker, run_id, result)
         if result.checkpoint is None:
             raise TrainingError(f"training ended without a checkpoint; see the logs in {storage}/{ray_name}")
-        stage_result = finish(cfg, tracker, run_id, result)
-    return stage_result
+        return finish(cfg, tracker, run_id, result)
 
 
 def _first_line(error: BaseException) -> str:
@@ -735,7 +678,7 @@ def _first_line(error: BaseException) -> str:
 def _stop_if_diverged(cfg: PipelineConfig, tracker, run_id: str, result) -> None:
     """After a divergence: keep the newest checkpoint reported with finite figures as the run's `checkpoint`
     artifact and raise the message that says what diverged, where, and how to go on from there."""
-    history = tracker.client.get_metric_history(run_id, "train/diverged")
+    history = tracker.metric_history(run_id, "train/diverged")
     if not history:
         return
     mark = history[-1]
@@ -748,12 +691,12 @@ def _stop_if_diverged(cfg: PipelineConfig, tracker, run_id: str, result) -> None
     head = (f"training diverged at step {mark.step}: {what}. Lower train.lr (now {lr:g}; try --set "
             f"train.lr={lr / 10:g}), or raise nvae.lambda_sr / lower train.grad_clip.")
     if not good:
-        raise TrainingError(f"{head} No checkpoint was saved before it diverged: start again with the lower rate.")
+        raise errors.Diverged(f"{head} No checkpoint was saved before it diverged: start again with the lower rate.")
     checkpoint, metrics = max(good, key=lambda cm: cm[1].get("step", -1))
     with checkpoint.as_directory() as d:
         read_checkpoint(d)  # complete and loadable
         tracker.log_artifacts(run_id, d, artifact_path="checkpoint")
-    raise TrainingError(
+    raise errors.Diverged(
         f"{head} The last good checkpoint (step {metrics.get('step')}) is saved in run {run_id}: continue from it "
         f"with `vaepipe train CONFIG --from-run {run_id} --set train.lr={lr / 10:g}`"
     )
@@ -762,18 +705,13 @@ def _stop_if_diverged(cfg: PipelineConfig, tracker, run_id: str, result) -> None
 def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
     """Log the final (EMA) model with pickle serialization and our packages as code paths, register it as
     `<name>-nvae` with the alias `candidate` and its model card, and keep the last checkpoint as an artifact."""
-    from pipelines.serving import describe_version
     from vae import NVAE
 
     with result.checkpoint.as_directory() as d:
         payload = read_checkpoint(d)
         tracker.log_artifacts(run_id, d, artifact_path="checkpoint")
     model = NVAE(cfg.nvae)
-    model.load_state_dict(payload["model"])
-    if payload.get("ema") is not None:
-        # AveragedModel keeps the averaged module under "module." next to its step counter.
-        ema = {k[len("module."):]: v for k, v in payload["ema"].items() if k.startswith("module.")}
-        model.load_state_dict(ema)
+    model.load_state_dict(checkpoints.model_weights(payload))
     model.eval()
     c, h, w = cfg.nvae.image_shape
     logged_uri = tracker.log_pytorch_model(

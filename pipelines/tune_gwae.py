@@ -49,13 +49,20 @@ import numpy as np
 import torch
 
 import tune_spaces
-from pipelines.common import StageResult, ending_runs, find_interrupted_run, init_ray, storage_path
-from pipelines.config import PipelineConfig, load_config
-from vae.config import ConfigError
+from pipelines import checkpoints
+from pipelines.config import PipelineConfig
+from pipelines.data import ensure_dataset, load_split
+from pipelines.errors import ConfigError, SearchError
+from pipelines.ray_env import init_ray, storage_path
+from pipelines.reporting import StageResult
+from pipelines.tracking import MetricSink, OpenRun, Tracker, stage_run
+from pipelines.tracking.cards import describe_version
 from vae.factor_metrics import discrete_factors
+from vae.gwae import GWAE, GWAEConfig
+from vae.metrics import reconstruction_grid, sample_grid
 
 STAGE = "tune"
-STATE_FILE = "state.pt"
+CHECKPOINT_KIND = "tune-trial"
 SEARCHED_SECTIONS = ("gwae",)
 # Per-epoch training averages: train_step's key -> the reported name.
 TRAIN_TERMS = {"loss": "loss", "gw": "loss_gw", "w": "loss_w", "d": "loss_d", "h": "loss_h",
@@ -72,10 +79,6 @@ COLLAPSED_SCORE = 1e9
 TEST_METRICS = ("psnr", "dci", "dci_completeness", "dci_informativeness", "auroc", "auroc_prior", "auroc_recon",
                 "nmi", "ari", "recon_spread", "data_spread", "sample_spread", "mean_image_psnr", "collapsed",
                 "prior_kurtosis_max", "objective")
-
-
-class SearchError(RuntimeError):
-    """The search produced nothing usable (every trial failed, or no checkpoint); the message lists the errors."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,8 +100,6 @@ def load_trial_data(cfg: PipelineConfig, manifest, split: str = "val") -> dict[s
 
     With tune.ood_class the class is held out of training and its `split` images are the OoD set; otherwise the OoD
     set is uniform noise, seeded by tune.seed (and the split)."""
-    from pipelines.data import load_split
-
     t = cfg.tune
     train = load_split(t.data.path, "train", image_dtype=torch.uint8)
     held = load_split(t.data.path, split, image_dtype=torch.uint8)
@@ -219,27 +220,24 @@ def selection_score(metrics: Mapping[str, float], metric: str, mode: str) -> flo
     return float(metrics[metric])
 
 
-def save_checkpoint(directory: Path, model, optimizers, epoch: int, gen: torch.Generator, sampled: dict) -> None:
-    torch.save({
+def save_checkpoint(directory: Path, model, optimizers, epoch: int, gen: torch.Generator, sampled: dict,
+                    cfg: PipelineConfig | None = None) -> None:
+    """A trial's checkpoint directory (pipelines.checkpoints), with the trial's own config (sampled values in)."""
+    checkpoints.save(directory, {
         "model": model.state_dict(), "gwae": model.config.to_dict(), "sampled": dict(sampled), "epoch": epoch,
-        "optimizers": [o.state_dict() for o in optimizers], "generator": gen.get_state(),
+        "step": epoch, "optimizers": [o.state_dict() for o in optimizers], "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
-    }, directory / STATE_FILE)
+    }, cfg, kind=CHECKPOINT_KIND)
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} holds no {STATE_FILE}; it is not a tune-stage checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return checkpoints.load(directory, kind=CHECKPOINT_KIND)
 
 
 def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
     """One trial: the GWAE of the config with the sampled `config` values applied, trained tune.epochs epochs,
     reporting metrics and a checkpoint after each; a restarted trial continues from its last checkpoint."""
     from ray import tune
-
-    from vae.gwae import GWAE
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # its INFO line per checkpoint doubles the progress
     cfg = tune_spaces.apply(PipelineConfig.from_dict(plan.config), config)  # validated: a bad combination raises
@@ -277,7 +275,7 @@ def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
             metrics["metric_at_init"] = init_metric
         metrics["selection"] = selection_score(metrics, t.metric, t.mode)
         with tempfile.TemporaryDirectory(prefix="vaepipe-tune-") as d:
-            save_checkpoint(Path(d), model, optimizers, epoch, gen, config)
+            save_checkpoint(Path(d), model, optimizers, epoch, gen, config, cfg)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -285,40 +283,41 @@ def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
 # Driver-side callbacks: the one MLflow writer, and a progress line per result.
 
 
-def _make_callbacks(tracker, tune_run_id: str, experiment: str, tags: dict[str, str], cfg: PipelineConfig):
+def _make_callbacks(tracker: Tracker, tune_run_id: str, experiment: str, tags: dict[str, str], cfg: PipelineConfig):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune import Callback
 
     epochs, metric = cfg.tune.epochs, cfg.tune.metric
 
     class TrialRuns(MLflowLoggerCallback):
-        """Ray's MLflow logger with three changes: trial runs carry a `vaepipe.trial_id` tag; a trial that starts
-        again (a retry, or `--resume` in a new process) reattaches to its run instead of opening a second one; and
-        only the trial's own metrics are logged, in one batch per epoch, through the retrying Tracker.
+        """Ray's MLflow logger with four changes: trial runs carry a `vaepipe.trial_id` tag; a trial that starts
+        again (a retry, or `--resume` in a new process) reattaches to its run instead of opening a second one; only
+        the trial's own metrics are logged, as `trial/<name>`, one batch per epoch through the stage's metric sink;
+        and an epoch trained again after a restart (Tune registers a checkpoint a moment after its result) is not
+        logged twice."""
 
-        Tune registers a checkpoint a moment after its result: an epoch reported just before Ctrl+C can be trained
-        again on resume, and then appears twice at its step in the trial's metric history."""
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._sinks: dict[Any, MetricSink] = {}
 
         def log_trial_start(self, trial) -> None:
             if trial in self._trial_runs:
                 return
-            client = tracker.client
-            found = client.search_runs(
-                [self.mlflow_util.experiment_id],
-                f"tags.`mlflow.parentRunId` = '{tune_run_id}' and tags.`vaepipe.trial_id` = '{trial.trial_id}'",
-            )
+            found = tracker.find_runs(experiment, parent_run_id=tune_run_id,
+                                      filter_string=f"tags.`vaepipe.trial_id` = '{trial.trial_id}'", max_results=1)
             if found:
                 run_id = found[0].info.run_id
-                client.update_run(run_id, status="RUNNING")
+                tracker.set_status(run_id, "RUNNING")
             else:
                 run_tags = {**self.tags, "trial_name": str(trial), "vaepipe.trial_id": trial.trial_id}
                 run_id = self.mlflow_util.start_run(tags=run_tags, run_name=str(trial)).info.run_id
                 tracker.log_params(run_id, trial.config)
             self._trial_runs[trial] = run_id
+            self._sinks[trial] = MetricSink(tracker, run_id, resumed=bool(found))
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-            values = {k: result[k] for k in METRICS if isinstance(result.get(k), (int, float))}
-            tracker.log_metrics(self._trial_runs[trial], values, step=int(result["training_iteration"]))
+            values = {f"trial/{k}": result[k] for k in METRICS if isinstance(result.get(k), (int, float))}
+            self._sinks[trial].log(values, step=int(result["training_iteration"]))
 
         def log_trial_end(self, trial, failed: bool = False) -> None:
             done = int((trial.last_result or {}).get("epoch", 0))
@@ -389,7 +388,10 @@ def check_inputs(cfg: PipelineConfig, space: Mapping[str, tune_spaces.Param], ma
     if t.ood_class is not None and not t.ood_class < len(manifest.label_names):
         raise ConfigError(f"tune.ood_class: {t.ood_class} is not a label of {t.data.path} (labels: "
                           f"{', '.join(manifest.label_names) or 'none'}); pick one of them or null for noise")
-    tune_spaces.check_values(space, cfg)
+    try:
+        tune_spaces.check_values(space, cfg)
+    except tune_spaces.SpaceError as e:
+        raise ConfigError(str(e)) from None
     metrics = reported_metrics(cfg, space, manifest)
     missing = [m for m in [t.metric, *t.objective_weights] if m not in metrics]
     if missing:
@@ -414,12 +416,19 @@ def _check_resources(cfg: PipelineConfig) -> None:
                               f"{have.get(key, 0.0):g}; lower it, or connect to a cluster that has them (--address)")
 
 
+def _load_space(cfg: PipelineConfig) -> dict[str, tune_spaces.Param]:
+    try:
+        return tune_spaces.load_space(cfg.tune.space, PipelineConfig)
+    except tune_spaces.SpaceError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run_tune(
     cfg: PipelineConfig,
-    tracker=None,
+    tracker: Tracker | None = None,
     *,
     parent_run_id: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     ray_address: str | None = None,
 ) -> StageResult:
     """Search GWAE configurations with Ray Tune; track every trial, register the best model as `<name>-gwae`.
@@ -428,12 +437,8 @@ def run_tune(
     trial starts. Failed trials are listed and do not stop the search; SearchError when no trial leaves a model."""
     from ray import tune
 
-    from pipelines.data import ensure_dataset
-    from pipelines.serving import log_dataset_inputs
-    from pipelines.tracking import Tracker, dataset_tag, experiment_name, git_commit
-
     t = cfg.tune
-    space = tune_spaces.load_space(t.space)
+    space = _load_space(cfg)
     manifest = ensure_dataset(t.data)
     check_inputs(cfg, space, manifest)
     data = load_trial_data(cfg, manifest)
@@ -458,36 +463,25 @@ def run_tune(
     _check_resources(cfg)
     trainable = tune.with_resources(tune.with_parameters(train_gwae, plan=plan, data=data),
                                     {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
-    own_parent = False
-    if resume:
-        run = find_interrupted_run(tracker, cfg.name, STAGE)
-        run_id, ray_name = run.info.run_id, run.data.tags["vaepipe.ray_run"]
-        if not tune.Tuner.can_restore(f"{storage}/{ray_name}"):
-            raise ConfigError(f"--resume: no Tune experiment to restore at {storage}/{ray_name} (tune run {run_id}); "
-                              f"check tune.storage_path, or run without --resume")
-        tuner = tune.Tuner.restore(f"{storage}/{ray_name}", trainable, resume_errored=True)
-        tracker.client.update_run(run_id, status="RUNNING")
-        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-        if parent and parent != parent_run_id and tracker.client.get_run(parent).info.status != "FINISHED":
-            parent_run_id, own_parent = parent, True  # the standalone tune's own pipeline run goes on too
-            tracker.client.update_run(parent, status="RUNNING")
-        print(f"[tune] resuming MLflow run {run_id} (Tune experiment {storage}/{ray_name})", flush=True)
-    else:
-        if parent_run_id is None:  # a stage run on its own still hangs under a pipeline run
-            parent_run_id, own_parent = tracker.start_pipeline_run(cfg, run_name="tune",
-                                                                   dataset_tag=dataset_tag(t.data.path)), True
-        run_id = tracker.start_stage_run(cfg, STAGE, parent_run_id=parent_run_id, dataset_tag=dataset_tag(t.data.path))
-        log_dataset_inputs(tracker, run_id, t.data.path, ("train", "val"))
-        ray_name = f"{cfg.name}-tune-{run_id[:12]}"
-        tracker.set_tags(run_id, {"vaepipe.ray_run": ray_name})
-        tracker.log_params(run_id, {"plan.steps_per_epoch": steps, "plan.space_file": space_file})
-        tracker.log_artifact(run_id, space_file, "search_space")
-    with ending_runs(tracker, run_id, parent_run_id, own_parent):
-        if not resume:
-            trial_tags = {"mlflow.parentRunId": run_id, "vaepipe.stage": "tune-trial", "vaepipe.dataset":
-                          dataset_tag(t.data.path), "vaepipe.git_commit": git_commit(), "vaepipe.pipeline_run":
-                          tracker.client.get_run(run_id).data.tags["vaepipe.pipeline_run"]}
-            callbacks = _make_callbacks(tracker, run_id, experiment_name(cfg.name), trial_tags, cfg)
+    with stage_run(tracker, cfg, STAGE, parent_run_id=parent_run_id, resume=resume, data_path=t.data.path,
+                   ) as run:
+        run_id = run.run_id
+        if run.resumed:
+            ray_name = run.tags["vaepipe.ray_run"]
+            if not tune.Tuner.can_restore(f"{storage}/{ray_name}"):
+                raise ConfigError(f"--resume: no Tune experiment to restore at {storage}/{ray_name} (tune run "
+                                  f"{run_id}); check tune.storage_path, or run without --resume")
+            tuner = tune.Tuner.restore(f"{storage}/{ray_name}", trainable, resume_errored=True)
+        else:
+            ray_name = f"{cfg.name}-tune-{run_id[:12]}"
+            run.set_tags({"vaepipe.ray_run": ray_name})
+            tracker.log_params(run_id, {"plan.steps_per_epoch": steps, "plan.space_file": space_file})
+            tracker.log_artifact(run_id, space_file, "search_space")
+            run_tags = tracker.get_run(run_id).data.tags
+            trial_tags = {"mlflow.parentRunId": run_id, "vaepipe.stage": "tune-trial",
+                          "vaepipe.dataset": run_tags["vaepipe.dataset"], "vaepipe.git_commit": run_tags[
+                              "vaepipe.git_commit"], "vaepipe.pipeline_run": run_tags["vaepipe.pipeline_run"]}
+            callbacks = _make_callbacks(tracker, run_id, cfg.name, trial_tags, cfg)
             tuner = tune.Tuner(trainable, param_space=tune_spaces.to_tune_space(space),
                                tune_config=_tune_config(t), run_config=_run_config(t, ray_name, storage, callbacks))
         print(f"[tune] {t.num_samples} trial(s) of {t.epochs} epochs × {steps} steps, space {space_file}; "
@@ -500,11 +494,10 @@ def run_tune(
         ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved)
         if len(saved) < expected or ended < len(saved):
             message = (f"the search was interrupted after {ended} of {expected} trials; its state is saved: "
-                       f"continue it with `vaepipe tune CONFIG --resume`")
+                       f"continue it with `vaepipe tune CONFIG --resume {run_id}`")
             print(f"[tune] {message}", flush=True)
             raise KeyboardInterrupt(message)
-        stage_result = finish(cfg, tracker, run_id, results, space, data, test_data, plan.discrete_factors)
-    return stage_result
+        return finish(cfg, run, results, space, data, test_data, plan.discrete_factors)
 
 
 def _tune_config(t):
@@ -623,16 +616,13 @@ def asha_check(results, metric: str, grace_period: int, mode: str = "max") -> tu
     return above, reached
 
 
-def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict,
+def finish(cfg: PipelineConfig, run: OpenRun, results, space, data: dict,
            test_data: dict | None = None, discrete: tuple[int, ...] = ()) -> StageResult:
     """Log the result table (Parquet, CSV) and plot, list failed and collapsed trials, pick the best non-collapsed
     (trial, epoch) on validation data, measure it again on the test split (`best/*`), log its sample and
     reconstruction grids and its model, and register it as `<name>-gwae` with alias `candidate`. When every trial
     collapsed, nothing is registered."""
-    from pipelines.serving import describe_version
-    from vae.gwae import GWAE, GWAEConfig
-    from vae.metrics import reconstruction_grid, sample_grid
-
+    tracker, run_id = run.tracker, run.run_id
     t = cfg.tune
     table = result_table(results, space, t.metric, t.mode, t.epochs)
     failed = table[table["outcome"] == "failed"]
@@ -645,16 +635,17 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
         tracker.log_artifacts(run_id, d, "results")
     trial_epochs = int(table["epochs"].sum())
     collapsed = int(table["collapsed"].fillna(0).astype(bool).sum()) if "collapsed" in table else 0
-    counts = {"trials": len(table), "failed_trials": len(failed), "trial_epochs": trial_epochs,
-              "stopped_early": int((table["outcome"] == "stopped_early").sum()), "collapsed_trials": collapsed}
+    counts = {"search/trials": len(table), "search/failed_trials": len(failed), "search/trial_epochs": trial_epochs,
+              "search/stopped_early": int((table["outcome"] == "stopped_early").sum()),
+              "search/collapsed_trials": collapsed}
     if t.scheduler == "asha":
         above, reached = asha_check(results, t.metric, t.grace_period, t.mode)
-        counts["asha_above_init"] = above
+        counts["search/asha_above_init"] = above
         if reached and above < reached:
             print(f"[tune] warning: at ASHA's grace period ({t.grace_period} epochs) {t.metric} was better than its value "
                   f"at initialisation in only {above} of {reached} trials; cuts there rank noise: raise "
                   f"tune.grace_period or tune.steps_per_epoch", flush=True)
-    tracker.log_metrics(run_id, counts, step=0)
+    run.log_metrics(counts)
     if len(failed) == len(table):
         raise SearchError(f"every one of the {len(table)} trials failed; first error: {failed.iloc[0]['error']}. "
                           f"Fix the cause, then `vaepipe tune CONFIG --resume` re-runs them")
@@ -665,8 +656,8 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
         print(f"[tune] {len(table)} trials ({len(failed)} failed, {collapsed} collapsed): every trained epoch "
               f"collapsed (reconstructions that ignore the input, or samples without variety); nothing registered. "
               f"Train longer (tune.epochs, tune.steps_per_epoch) or narrow the space", flush=True)
-        tracker.set_tags(run_id, {"vaepipe.best_trial": "none (all collapsed)"})
-        return StageResult(STAGE, run_id, metrics={"collapsed_trials": float(collapsed)})
+        run.set_tags({"vaepipe.best_trial": "none (all collapsed)"})
+        return StageResult(STAGE, run_id, metrics={"search/collapsed_trials": float(collapsed)})
     checkpoint = best.get_best_checkpoint("selection", t.mode)
     if checkpoint is None:
         raise SearchError(f"the best trial ({best.path}) kept no checkpoint; raise tune.keep_checkpoints")
@@ -683,11 +674,11 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, results, space, data: dict
         best_metrics = {f"best/{k}": float(best_row[k]) for k in _LAST_COLUMNS if k in best_row}
     best_metrics[f"best/val_{t.metric}"] = float(best_row[t.metric])
     best_metrics["best/epoch"] = float(best_row["epoch"])
-    best_metrics["collapsed_trials"] = float(collapsed)
-    tracker.log_metrics(run_id, best_metrics, step=int(best_row["epoch"]))
+    run.log_metrics(best_metrics, step=int(best_row["epoch"]))
+    best_metrics["search/collapsed_trials"] = float(collapsed)
     best_id = Path(best.path).name.removeprefix("trial_")
     tracker.log_params(run_id, {f"best.{k}": v for k, v in sampled.items()})
-    tracker.set_tags(run_id, {"vaepipe.best_trial": best_id})
+    run.set_tags({"vaepipe.best_trial": best_id})
     x = torch.from_numpy(data["eval_images"][:16].astype(np.float32) / 255.0)
     tracker.log_image(run_id, sample_grid(model.sample(36), nrow=6), "pictures/best_samples.png")
     tracker.log_image(run_id, reconstruction_grid(x, model.reconstruct(x)), "pictures/best_reconstructions.png")
@@ -716,7 +707,7 @@ def summary_line(result: StageResult) -> str:
     """One line of what the tune stage left, for the pipeline's summary: the registered GWAE's test-split figures, or
     that every trial collapsed."""
     m = {k.removeprefix("best/"): v for k, v in result.metrics.items()}
-    collapsed = int(m.get("collapsed_trials", 0))
+    collapsed = int(m.get("search/collapsed_trials", 0))
     if not result.registered_model:
         return f"GWAE: nothing registered ({collapsed} trial(s) collapsed)"
     parts = [f"psnr {m['psnr']:.1f} dB (mean image {m['mean_image_psnr']:.1f})" if "psnr" in m else "",
@@ -727,31 +718,3 @@ def summary_line(result: StageResult) -> str:
              else ""]
     return (f"GWAE {result.registered_model} v{result.registered_version} on the test split: "
             + ", ".join(p for p in parts if p) + f"; {collapsed} collapsed trial(s) never selected")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _cli(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.space:
-        cfg = cfg.replace(tune=cfg.tune.replace(space=args.space))
-    result = run_tune(cfg, resume=args.resume, ray_address=args.address)
-    print(result.summary())
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `vaepipe tune CONFIG [--space NAME_OR_PATH] [--resume] [--set k=v ...] [--address ADDR]`."""
-    from pipelines.cli import add_config_args
-
-    p = subparsers.add_parser("tune", help="stage 3: Ray Tune over GWAE weights and priors; register <name>-gwae")
-    add_config_args(p)
-    p.add_argument("--space", default=None, metavar="NAME_OR_PATH",
-                   help=f"search space: a YAML file, or one shipped in tune_spaces/ "
-                        f"({', '.join(tune_spaces.shipped_spaces())}); overrides tune.space")
-    p.add_argument("--resume", action="store_true", help="continue the newest interrupted tune run of this config "
-                   "(unfinished and errored trials go on from their last checkpoints)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    p.set_defaults(func=_cli)

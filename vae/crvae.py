@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from vae.configs import TRANSFORM_PRESETS
 from vae.distributions import gaussian_kl
 
-TRANSFORM_PRESETS = ("identity", "simple", "large", "flip", "color")
 
 
 def consistency_kl(mu_t: Tensor, sigma_t: Tensor, mu_x: Tensor, sigma_x: Tensor) -> Tensor:

@@ -56,19 +56,17 @@ Choices where the paper and the reference code leave room, each with its reason:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
 import math
 import typing
-from collections.abc import Iterator, Sequence
-from typing import ClassVar, Literal
+from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from vae.config import Config, ConfigError, non_negative, positive
+from vae.configs import GWAEConfig
 from vae.distributions import soft_clamp
 
 PRIORS = ("np", "fnp", "gmp", "gaussian", "uniform")
@@ -81,77 +79,6 @@ CRITIC_FEATURES = 64  # width of each critic branch's output; the joint MLP sees
 # heavy-tailed too (its random per-dimension maps: max excess kurtosis 5 to 90 measured at z = 4..64), so the alarm
 # means something only after some training.
 KURTOSIS_ALARM = 10.0
-
-
-@dataclasses.dataclass(frozen=True)
-class GWAEConfig(Config):
-    _prefix: ClassVar[str] = "gwae."
-    # Images (C, H, W) in [0, 1]; square with a power-of-two side ≥ 8 (the encoder halves it down to 4×4).
-    image_shape: tuple[int, int, int] = dataclasses.field(default=(1, 16, 16), metadata=positive())
-    z_dim: int = dataclasses.field(default=64, metadata=positive())
-    prior: Literal["np", "fnp", "gmp", "gaussian", "uniform"] = "np"
-    num_components: int = dataclasses.field(default=10, metadata=positive())  # K of the "gmp" prior
-    # --- architecture: encoder widths base·(1, 2, 4, 8), FC hidden_dim; critic x-branch widths critic_channels·2^i
-    base_channels: int = dataclasses.field(default=32, metadata=positive())
-    hidden_dim: int = dataclasses.field(default=256, metadata=positive())
-    critic_channels: int = dataclasses.field(default=8, metadata=positive())
-    # --- objective weights (paper names λ_W, λ_D, λ_H; code coef_w, coef_d, coef_qentropy)
-    lambda_w: float = dataclasses.field(default=1.0, metadata=non_negative())
-    lambda_d: float = dataclasses.field(default=1.0, metadata=non_negative())
-    lambda_h: float = dataclasses.field(default=0.03, metadata=non_negative())
-    # c's initial value; null starts it from the first training batch (mean pixel distance / √(2·z_dim)). The
-    # reference code starts at 2.5 whatever the data.
-    distance_coef_init: float | None = dataclasses.field(default=None, metadata=positive())
-    # --- critic: gradient-penalty weight γ, drift δ (inside the ×γ), updates per model update
-    gp_weight: float = dataclasses.field(default=10.0, metadata=non_negative())
-    drift: float = dataclasses.field(default=1e-4, metadata=non_negative())
-    critic_steps: int = dataclasses.field(default=5, metadata=positive())
-    # --- RMSprop learning rates, and how many skipped (non-finite) model updates in a row are tolerated
-    lr: float = dataclasses.field(default=1e-4, metadata=positive())
-    lr_critic: float = dataclasses.field(default=1e-4, metadata=positive())
-    lr_distance_coef: float = dataclasses.field(default=1e-2, metadata=positive())  # log c's own rate
-    max_consecutive_skips: int = dataclasses.field(default=10, metadata=positive())
-    # Soft bound b on the encoder's log σ² (b·tanh(·/b), NVAE's ±5 on log σ); null turns it off. L_H rewards large
-    # σ without limit, so once the decoder ignores z nothing stops log σ² growing until z̃ overflows.
-    logvar_bound: float | None = dataclasses.field(default=10.0, metadata=positive())
-
-    def validate(self) -> None:
-        key = self._key("image_shape")
-        _, h, w = self.image_shape
-        if h != w:
-            raise ConfigError(
-                f"{key}: {list(self.image_shape)} is not square; GWAE's conv stacks halve height and width together, "
-                f"so resize or pad the data to a square power-of-two side (e.g. {_nearest_pow2(max(h, w))})"
-            )
-        if h < 8 or h & (h - 1):
-            raise ConfigError(
-                f"{key}: side {h} is not a power of two >= 8; the encoder halves it with stride-2 convs down to 4×4, "
-                f"so resize the data to 8, 16, 32 or 64 (nearest: {_nearest_pow2(h)})"
-            )
-        if self.prior == "gmp" and self.num_components < 2:
-            raise ConfigError(
-                f"{self._key('num_components')}: {self.num_components} is not a mixture; the 'gmp' prior needs >= 2 "
-                "components (10 for digits), or use prior='np'"
-            )
-
-    @classmethod
-    def for_images(cls, shape: Sequence[int], **overrides) -> "GWAEConfig":
-        """The config for a data set of images `shape` = [C, H, W] (as in dataset.json), other fields overridden."""
-        if len(shape) != 3:
-            raise ConfigError(f"gwae.image_shape: expected [C, H, W], got {list(shape)}; add the channel count")
-        names = cls.field_names()
-        for k in overrides:
-            if k == "image_shape":
-                raise ConfigError("gwae.image_shape: pass the shape once, as for_images' first argument")
-            if k not in names:
-                hint = difflib.get_close_matches(k, names, n=1)
-                more = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(names)}"
-                raise ConfigError(f"unknown key gwae.{k!r}{more}")
-        return cls(image_shape=tuple(int(s) for s in shape), **overrides)
-
-
-def _nearest_pow2(n: int) -> int:
-    return max(8, 2 ** round(math.log2(max(n, 1))))
 
 
 def _conv_widths(base: int, side: int) -> list[int]:

@@ -42,57 +42,19 @@ Choices the paper leaves open, each with its reason:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vae.config import Config, in_range, non_negative, positive
+from vae.configs import NCPConfig
 
 METHODS = ("sir", "langevin", "base")
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite classifier losses in a row before training gives up
 _SCORE_ROWS = 8192  # classifier rows per pass when estimating Z_k (bounds memory, not results)
-
-
-@dataclasses.dataclass(frozen=True)
-class NCPConfig(Config):
-    _prefix: ClassVar[str] = "ncp."
-    # --- the classifier D_k of each group: residual CNN width and depth
-    classifier_channels: int = dataclasses.field(default=32, metadata=positive())
-    classifier_blocks: int = dataclasses.field(default=2, metadata=positive())
-    # --- training, per group: at most `steps` AdamW steps of `batch_size` images (larger batches are split)
-    steps: int = dataclasses.field(default=2000, metadata=positive())
-    batch_size: int = dataclasses.field(default=64, metadata=positive())
-    lr: float = dataclasses.field(default=1e-3, metadata=positive())
-    weight_decay: float = dataclasses.field(default=1e-4, metadata=non_negative())
-    # Held-out NCE loss every `eval_every` steps on pairs from the first `val_examples` validation images; stop after
-    # `patience` evaluations without improvement (0: never stop early) and keep the best weights.
-    eval_every: int = dataclasses.field(default=100, metadata=positive())
-    val_examples: int = dataclasses.field(default=1024, metadata=in_range(2, None))
-    patience: int = dataclasses.field(default=5, metadata=non_negative())
-    seed: int = 0
-    # --- sampling: SIR proposals M per group; Langevin steps and step size η in ε space; prior temperature
-    sir_proposals: int = dataclasses.field(default=50, metadata=positive())
-    langevin_steps: int = dataclasses.field(default=100, metadata=positive())
-    langevin_step_size: float = dataclasses.field(default=0.05, metadata=in_range(0.0, 2.0, lo_open=True))
-    temperature: float = dataclasses.field(default=1.0, metadata=non_negative())
-    sample_batch_size: int = dataclasses.field(default=64, metadata=positive())  # samples drawn together
-    log_z_samples: int = dataclasses.field(default=256, metadata=positive())  # prior draws S per context for Ẑ_k
-    # --- read by the ncp stage (pipelines/): resources of each group's Ray task, samples per method to evaluate
-    cpus_per_group: float = dataclasses.field(default=1.0, metadata=positive())
-    gpus_per_group: float = dataclasses.field(default=0.0, metadata=non_negative())
-    eval_samples: int = dataclasses.field(default=500, metadata=in_range(4, None))
-    # torch-fidelity's Inception-v3 weights (a local path or an MLflow artifact URI) to add Inception FID/KID to the
-    # stage's evaluation; "" leaves them out (they are never downloaded).
-    inception_weights: str = ""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The classifier.
 
 
 class _ResBlock(nn.Module):

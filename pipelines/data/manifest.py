@@ -25,15 +25,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.data.columns import shard_schema
+from pipelines.errors import DatasetError
 
 MANIFEST_NAME = "dataset.json"
 FORMAT = "vaepipe.dataset/1"
 SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """A prepared dataset is missing, incomplete, changed or does not match its manifest; the message says how to
-    fix it (usually the `vaepipe data prepare` command to run)."""
 
 
 def resolve(path: str, filesystem: Optional[pafs.FileSystem] = None) -> tuple[pafs.FileSystem, str]:

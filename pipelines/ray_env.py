@@ -1,32 +1,11 @@
-"""Pieces every stage shares: the stage result, a local-or-cluster Ray, PNG encoding, the controller-side
-MLflow reporter, and the progress line."""
+"""Ray for vaepipe: connect to a cluster, or start a local Ray that only this machine can reach, and keep DDP's
+rendezvous on the loopback interface with it; and where stages keep their Ray checkpoints."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import io
-import math
 import os
-import time
+from pathlib import Path
 from typing import Any
-
-import numpy as np
-
-
-@dataclasses.dataclass
-class StageResult:
-    stage: str
-    run_id: str
-    model_uri: str | None = None
-    registered_model: str | None = None
-    registered_version: str | None = None
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def summary(self) -> str:
-        reg = f"{self.registered_model} v{self.registered_version}" if self.registered_model else "-"
-        keys = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.metrics.items()) if isinstance(v, (int, float)))
-        return f"{self.stage}: run {self.run_id}  model {reg}  {keys}"
-
 
 LOOPBACK = "127.0.0.1"
 # Ray reads this once, at import, to pick the node's address: "0" makes it use the loopback address, which is how
@@ -179,84 +158,8 @@ def _memory_bytes() -> int:
         return 8 * 1024**3
 
 
-def png_bytes(image: Any) -> bytes:
-    """Encode a (C,H,W) or (H,W) uint8/float-in-[0,1] tensor or array as PNG bytes."""
-    from PIL import Image
-
-    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3):
-        arr = np.transpose(arr, (1, 2, 0))
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@contextlib.contextmanager
-def ending_runs(tracker, run_id: str, parent_run_id: str | None = None, own_parent: bool = False):
-    """Ends a stage's MLflow run — and the pipeline run it opened for itself — as FINISHED when the body returns,
-    KILLED on Ctrl-C, FAILED on any error, so no run is left RUNNING."""
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end_run(run_id, status)
-        if own_parent and parent_run_id:
-            tracker.end_run(parent_run_id, status)
-
-
 def storage_path(configured: str | None, workdir: str) -> str:
     """Where Ray keeps a stage's checkpoints: the configured path, else <tracking.workdir>/ray; local paths absolute
     (Ray workers run in other working directories)."""
-    from pathlib import Path
-
     path = configured or str(Path(workdir) / "ray")
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def find_interrupted_run(tracker, experiment: str, stage: str):
-    """The newest run of `stage` in vaepipe/<experiment> that did not finish (what --resume continues)."""
-    from vae.config import ConfigError
-
-    runs = tracker.find_runs(
-        experiment, filter_string=f"tags.`vaepipe.stage` = '{stage}' and attributes.status != 'FINISHED'", max_results=1
-    )
-    if not runs:
-        raise ConfigError(
-            f"--resume: experiment vaepipe/{experiment} has no interrupted {stage} run to resume; run without --resume"
-        )
-    return runs[0]
-
-
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class Progress:
-    """One line per report: epoch, step, loss, images/s and ETA from the observed step rate."""
-
-    def __init__(self, stage: str, total_steps: int) -> None:
-        self.stage, self.total = stage, max(1, total_steps)
-        self.t0: float | None = None
-        self.step0 = 0
-
-    def line(self, step: int, epoch: int, epochs: int, values: dict[str, float]) -> str:
-        now = time.perf_counter()
-        if self.t0 is None:
-            self.t0, self.step0 = now, step
-        rate = (step - self.step0) / (now - self.t0) if now > self.t0 and step > self.step0 else float("nan")
-        eta = format_eta((self.total - step) / rate) if rate == rate and rate > 0 else "?"
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        return f"[{self.stage}] epoch {epoch}/{epochs}  step {step}/{self.total}  {shown}  eta {eta}"

@@ -1,26 +1,26 @@
-"""`vaepipe data prepare|inspect`: the data layer's commands, added to the top-level CLI by `register`.
+"""`vaepipe data prepare|inspect`: make a dataset (sharded Parquet + dataset.json) and look at one.
 
     vaepipe data prepare digits --out runs/data/digits16 --image-size 16
     vaepipe data prepare shapes --out runs/data/shapes64 --rgb --num-examples 50000
     vaepipe data prepare folder ~/pictures --out runs/data/pictures64 --image-size 64
     vaepipe data inspect runs/data/shapes64 [--png grid.png]
-
-Each command's `func` takes the parsed Namespace and returns an exit code; errors are DatasetError or ConfigError
-with a message that says what to do, which the top-level CLI prints without a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import io
+import typing
 from typing import TYPE_CHECKING
 
-from pipelines.data.manifest import DatasetError, join, read_manifest, resolve, verify
-from pipelines.data.sources import SOURCES
+from pipelines.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipelines.config import DataConfig
 
-GRID_EXAMPLES = 64
+
+def _sources() -> tuple[str, ...]:
+    from pipelines.config import DataConfig
+
+    return typing.get_args(typing.get_type_hints(DataConfig)["source"])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "DIR/dataset.json. digits and shapes need no network; mnist, cifar10 and celeba64 use (or download "
         "into) --cache-dir; folder reads any image folder (sub-folders become labels).",
     )
-    p.add_argument("source", choices=SOURCES, metavar="SOURCE", help=f"one of {', '.join(SOURCES)}")
+    sources = _sources()
+    p.add_argument("source", choices=sources, metavar="SOURCE", help=f"one of {', '.join(sources)}")
     p.add_argument("path", nargs="?", metavar="PATH", help="the image folder of source 'folder' (or --source-path)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (local path or s3://, gs://, ... URI)")
     p.add_argument("--image-size", type=int, metavar="N", help="image side after preparation (default: the source's)")
@@ -65,7 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def data_config(args: argparse.Namespace) -> DataConfig:
     """The DataConfig the prepare arguments describe (ConfigError for an invalid combination)."""
     from pipelines.config import DataConfig
-    from vae.config import ConfigError
 
     if args.path and args.source_path and args.path != args.source_path:
         raise ConfigError(f"got two image folders, {args.path!r} and --source-path {args.source_path!r}; give one")
@@ -99,6 +99,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipelines.data.grid import write_grid
+    from pipelines.data.manifest import join, read_manifest, verify
+
     manifest = read_manifest(args.dir)
     print(manifest.summary())
     print(f"  source config: {manifest.source.get('config')}")
@@ -112,32 +115,4 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"wrote a grid of {n} training examples to {out}")
     return 0
 
-
-def write_grid(path: str, out: str, n: int = GRID_EXAMPLES, split: str = "train") -> int:
-    """Draw the first `n` examples of `split` as a PNG grid at `out` (any pyarrow path); returns how many."""
-    import torch
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from pipelines.data.readers import ParquetImageReader
-
-    # The checksums were just verified by the caller; reading the first batch is all that is needed here.
-    reader = ParquetImageReader(path, split, batch_size=n, image_dtype=torch.uint8, verify=False)
-    batch = next(iter(reader), None)
-    if batch is None:
-        raise DatasetError(f"{path} has no {split} examples to draw")
-    images = batch["image"]
-    nrow = max(1, int(len(images) ** 0.5 + 0.5))
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=128)  # (3, H', W') uint8; grey gets 3 channels
-    side = grid.shape[-1]
-    scale = max(1, 512 // side)  # small images (8x8 digits) are enlarged so the grid is readable
-    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    fs, target = resolve(out)
-    with fs.open_output_stream(target) as f:
-        f.write(buf.getvalue())
-    return len(images)
 
