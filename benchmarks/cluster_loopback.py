@@ -82,7 +82,7 @@ def steps(args) -> None:
         import ray.train
         import ray.train.torch
 
-        from pipelines.common import init_ray
+        from pipelines.ray_env import init_ray
 
         init_ray(cluster.gcs_address)
         names = cluster.node_ids()

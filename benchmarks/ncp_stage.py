@@ -43,7 +43,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.common import init_ray
+    from pipelines.ray_env import init_ray
     from pipelines.data import ensure_dataset
     from pipelines.train_ncp import run_ncp
     from pipelines.train_vae import run_train

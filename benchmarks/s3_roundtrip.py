@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from pipelines.common import start_local_ray
+    from pipelines.ray_env import start_local_ray
     from pipelines.config import DataConfig
     from pipelines.data import prepare_dataset
     from pipelines.data.manifest import read_manifest, verify

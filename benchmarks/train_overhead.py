@@ -46,8 +46,7 @@ def plain_loop(cfg, steps: int, threads: int) -> tuple[float, float]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     seed_everything(0)
-    plan = TrainPlan(run_id="-", tracking_uri="-", data_path=cfg.data.path, train_examples=0, val_examples=0,
-                     steps_per_epoch=steps, total_steps=steps, heartbeat_dir=tempfile.mkdtemp())
+    plan = TrainPlan(steps_per_epoch=steps, total_steps=steps, heartbeat_dir=tempfile.mkdtemp())
     state = setup(cfg, plan, torch.device("cpu"))
     reader = ParquetImageReader(cfg.data.path, "train", batch_size=cfg.train.worker_batch_size, shuffle=True,
                                 drop_last=True)
@@ -94,7 +93,7 @@ def main() -> None:
 
     ensure_dataset(DataConfig(source="digits", path=args.data, image_size=16), progress=False)
     work = tempfile.mkdtemp(prefix="vaepipe-bench-")
-    from pipelines.common import init_ray
+    from pipelines.ray_env import init_ray
 
     init_ray()
     one = config(args.data, f"{work}/w1", 1, args.steps, args.batch_size)

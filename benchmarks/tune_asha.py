@@ -127,7 +127,7 @@ def shipping(cfg) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    from pipelines.common import init_ray
+    from pipelines.ray_env import init_ray
     from pipelines.data import ensure_dataset
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vaepipe-tune-bench-")).resolve()
