@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import tune_spaces
-from pipelines.config import load_config
-from pipelines.tune_gwae import (COLLAPSED_SCORE, discrete_factors, objective, register, run_tune, selection_score,
-                                 trial_seed)
+from pipelines.cli.stages import register
+from pipelines.config import PipelineConfig, load_config
+from pipelines.tune_gwae import COLLAPSED_SCORE, discrete_factors, objective, run_tune, selection_score, trial_seed
 from vae.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,7 +162,7 @@ def test_trial_data_holds_out_the_ood_class_or_draws_seeded_noise(regions16, mlf
     assert not np.array_equal(test["eval_images"][:20], held["eval_images"][:20]) and (test["eval_labels"] != 3).all()
     with pytest.raises(ConfigError, match="tune.ood_class: 4 is not a label"):
         check_inputs(make_cfg(regions16, mlflow_store, tmp_path, space, ood_class=4),
-                     tune_spaces.load_space(str(space)), manifest)
+                     tune_spaces.load_space(str(space), PipelineConfig), manifest)
 
 
 def test_cli_takes_config_space_resume_overrides_and_address():
@@ -172,6 +172,11 @@ def test_cli_takes_config_space_resume_overrides_and_address():
                               "--set", "tune.epochs=3", "--address", "auto"])
     assert (args.config, args.space, args.resume, args.overrides, args.address) == (
         "configs/demo.yaml", "gwae_priors", True, ["tune.epochs=3"], "auto")
+    assert args.func.__name__ == "tune"
+    # --resume RUN_ID names the run; without --resume nothing is resumed
+    named = parser.parse_args(["tune", "configs/demo.yaml", "--resume", "0123abcd", "--set", "tune.epochs=3"])
+    assert (named.resume, named.overrides) == ("0123abcd", ["tune.epochs=3"])
+    assert parser.parse_args(["tune", "configs/demo.yaml"]).resume is False
 
 
 def test_a_broken_space_or_metric_is_refused_before_anything_starts(regions16, mlflow_store, tmp_path):
@@ -215,14 +220,21 @@ def test_asha_search_tracks_every_trial_and_registers_a_loadable_best_model(ray_
         params = run.data.params
         assert set(params) == {"gwae.lambda_w", "gwae.lambda_h"}
         assert 0.5 <= float(params["gwae.lambda_w"]) <= 2 and 1e-3 <= float(params["gwae.lambda_h"]) <= 1
-        curve = client.get_metric_history(run.info.run_id, "objective")
-        assert [m.step for m in sorted(curve, key=lambda m: m.step)] == list(range(1, len(curve) + 1))
-        assert {"psnr", "dci", "auroc", "auroc_prior", "auroc_recon", "distance_coef", "loss_gw", "collapsed",
-                "prior_kurtosis_max", "recon_spread", "selection", "metric_at_init"} <= set(run.data.metrics)
+        curve = client.get_metric_history(run.info.run_id, "trial/objective")
+        assert sorted(m.step for m in curve) == list(range(1, len(curve) + 1))
+        assert {f"trial/{m}" for m in ("psnr", "dci", "auroc", "auroc_prior", "auroc_recon", "distance_coef",
+                                       "loss_gw", "collapsed", "prior_kurtosis_max", "recon_spread", "selection",
+                                       "metric_at_init")} <= set(run.data.metrics)
+        # every metric of a trial run is namespaced, and no metric has a step logged twice
+        assert all(k.startswith("trial/") for k in run.data.metrics), sorted(run.data.metrics)
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_id, key, steps)
         epochs.append(len(curve))
     assert max(epochs) == 4 and min(epochs) < 4, f"ASHA stopped no trial early: {epochs}"
-    assert tune_run.data.metrics["trial_epochs"] == sum(epochs)
-    assert tune_run.data.metrics["stopped_early"] == sum(e < 4 for e in epochs)
+    assert tune_run.data.metrics["search/trials"] == 4
+    assert tune_run.data.metrics["search/trial_epochs"] == sum(epochs)
+    assert tune_run.data.metrics["search/stopped_early"] == sum(e < 4 for e in epochs)
 
     table = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=result.run_id,
                                                                 artifact_path="results/trials.parquet"))
@@ -271,7 +283,7 @@ def test_a_failing_trial_is_reported_and_the_search_still_finishes(ray_local, re
     table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{result.run_id}/results/trials.csv")))
     failed = table[table["outcome"] == "failed"]
     assert list(failed["gwae.prior"]) == ["gmp"] and "num_components" in failed["error"].iloc[0]
-    assert client.get_run(result.run_id).data.metrics["failed_trials"] == 1
+    assert client.get_run(result.run_id).data.metrics["search/failed_trials"] == 1
     assert mlflow.pytorch.load_model(result.model_uri).config.prior == "np"
     out = capsys.readouterr().out
     assert "FAILED (the search goes on)" in out and "failed trial" in out
@@ -287,7 +299,7 @@ def test_a_collapsed_trial_is_marked_and_never_registered(ray_local, regions16, 
                    scheduler="none", metric="psnr")
     result = run_tune(cfg)
     client = mlflow.MlflowClient(mlflow_store.tracking_uri)
-    assert client.get_run(result.run_id).data.metrics["collapsed_trials"] == 1
+    assert client.get_run(result.run_id).data.metrics["search/collapsed_trials"] == 1
     assert mlflow.pytorch.load_model(result.model_uri).config.lr == pytest.approx(3e-3)
     assert result.metrics["collapsed"] == 0.0
     assert "1 collapsed" in capsys.readouterr().out
@@ -295,7 +307,7 @@ def test_a_collapsed_trial_is_marked_and_never_registered(ray_local, regions16, 
     cfg = make_cfg(regions16, mlflow_store, tmp_path, write_space(tmp_path, "gwae.lr: {type: grid, values: [1.0e-9]}\n"),
                    num_samples=1, epochs=1, search="random", scheduler="none", metric="psnr")
     nothing = run_tune(cfg)
-    assert nothing.model_uri is None and nothing.metrics["collapsed_trials"] == 1.0
+    assert nothing.model_uri is None and nothing.metrics["search/collapsed_trials"] == 1.0
     assert len(client.search_model_versions("name='demo-gwae'")) == 1
     assert "nothing registered" in capsys.readouterr().out
 
@@ -350,9 +362,9 @@ def test_an_interrupted_search_resumes_into_the_same_runs(ray_local, regions16, 
     assert len(trials) == 1  # the interrupted trial went on in its own run, not a second one
     for run in trials:
         # Resumed from its checkpoint, not from scratch: epoch 1 ran once. An epoch reported just before Ctrl+C
-        # whose checkpoint Tune had not registered yet runs (and is logged) again.
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "objective")]
-        assert sorted(set(steps)) == [1, 2, 3] and steps.count(1) == 1, steps
+        # whose checkpoint Tune had not registered yet runs again, but its replayed metrics are not logged twice.
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "trial/objective")]
+        assert sorted(steps) == [1, 2, 3], steps
         assert run.info.status == "FINISHED"
     assert mlflow.pytorch.load_model(result.model_uri).config.z_dim == 4
 
