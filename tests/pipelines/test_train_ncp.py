@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from pipelines.config import load_config
 from vae.config import ConfigError
@@ -60,8 +61,23 @@ def test_ncp_stage_trains_groups_in_parallel_and_registers_a_sampling_model(ray_
         assert f"val/fd_vaepipe_{method}" in m
     assert not any("fid" in key for key in m)  # no Inception weights configured: no FID, and nothing called so
     assert run.data.tags["vaepipe.feature_extractor_run"]
+    # each group's classifier is a checkpoint directory (state, config, completion marker written last)
     assert {a.path for a in client.list_artifacts(result.run_id, "classifiers")} == {
-        f"classifiers/group_{k:02d}.pt" for k in range(groups)}
+        f"classifiers/group_{k:02d}" for k in range(groups)}
+    for k in range(groups):
+        assert {a.path for a in client.list_artifacts(result.run_id, f"classifiers/group_{k:02d}")} == {
+            f"classifiers/group_{k:02d}/{name}" for name in ("state.pt", "config.yaml", "COMPLETE")}
+    from pipelines import checkpoints
+
+    registered = mlflow.pytorch.load_model("models:/demo-ncp@candidate")
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="classifiers/group_01",
+                                                tracking_uri=mlflow_store.tracking_uri)
+    state = checkpoints.load(local, kind="ncp-classifier")
+    assert state["group"] == 1 and state["step"] == cfg.ncp.steps
+    assert load_config(Path(local) / "config.yaml").ncp == cfg.ncp
+    logged = registered.classifiers[1].state_dict()
+    assert set(state["classifier"]) == set(logged)
+    assert all(torch.equal(state["classifier"][key], logged[key].cpu()) for key in logged)  # the registered weights
     assert any("samples_base_sir_langevin" in a.path for a in client.list_artifacts(result.run_id, "pictures"))
 
     script = textwrap.dedent(f"""
@@ -104,7 +120,6 @@ def test_ncp_stage_trains_groups_in_parallel_and_registers_a_sampling_model(ray_
 
 def _random_inception_weights(tmp_path: Path) -> Path:
     """torch-fidelity's Inception-v3 with random He-initialised weights, saved as the real checkpoint would be."""
-    import torch
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     from vae.quality import INCEPTION_WEIGHTS_FILE
@@ -131,8 +146,6 @@ def test_missing_model_lists_what_is_registered(digits16, mlflow_store, tmp_path
 
 
 def test_feature_extractor_is_trained_once_per_dataset_logged_and_reused(digits16, mlflow_store, capsys):
-    import torch
-
     from pipelines.data import read_manifest
     from pipelines.sample_quality import EXPERIMENT, feature_extractor
     from pipelines.tracking import Tracker
@@ -144,6 +157,7 @@ def test_feature_extractor_is_trained_once_per_dataset_logged_and_reused(digits1
     assert "training one" in capsys.readouterr().out
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["vaepipe.stage"] == "feature_extractor"
+    assert {"train/loss", "val/accuracy"} <= set(run.data.metrics) and all("/" in k for k in run.data.metrics)
     assert run.data.tags["vaepipe.dataset_sha256"] == read_manifest(digits16).sha256
     assert tracker.client.get_experiment(run.info.experiment_id).name == f"vaepipe/{EXPERIMENT}"
     assert [a.path for a in tracker.client.list_artifacts(run_id, "extractor")] == ["extractor/sample_quality.pt"]
