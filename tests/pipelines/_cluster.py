@@ -55,7 +55,7 @@ def cluster_driver(loopback_cluster):
     had_local = ray.is_initialized()
     if had_local:
         ray.shutdown()
-    from pipelines.common import init_ray
+    from pipelines.ray_env import init_ray
 
     init_ray(loopback_cluster.gcs_address)  # how the stages connect (RAY_ADDRESS / --address)
     try:
@@ -63,7 +63,7 @@ def cluster_driver(loopback_cluster):
     finally:
         ray.shutdown()
         if had_local:
-            from pipelines.common import start_local_ray
+            from pipelines.ray_env import start_local_ray
 
             start_local_ray(num_cpus=4, object_store_memory=512 * 1024**2, log_to_driver=True,
                             runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})

@@ -80,19 +80,10 @@ def test_three_labelled_nodes_all_on_loopback(loopback_cluster):
 
 
 def _submit(argv: list[str]) -> int:
-    import argparse
+    """`vaepipe submit ...` in this process, through the real parser and error handling."""
+    from pipelines.cli import main
 
-    from pipelines import submit
-    from pipelines.cli import _user_error_types
-
-    parser = argparse.ArgumentParser(prog="vaepipe")
-    submit.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except _user_error_types() as e:
-        print(f"vaepipe: error: {e}")
-        return 2
+    return main(argv)
 
 
 def test_pipeline_as_a_ray_job_uses_every_node(loopback_cluster, cluster_driver, digits16, tmp_path, capfd):

@@ -166,7 +166,7 @@ def ray_with_s3_env(s3):
     session Ray, if one runs, is stopped first and started again afterwards."""
     import ray
 
-    from pipelines.common import start_local_ray
+    from pipelines.ray_env import start_local_ray
 
     had_local = ray.is_initialized()
     if had_local:
@@ -208,9 +208,10 @@ def test_train_with_data_checkpoints_and_artifacts_on_s3(s3, mlflow_on_s3, ray_w
     ray_keys = _keys(s3, "ray/")
     assert any("/checkpoint" in k for k in ray_keys), ray_keys[:20]
     client = mlflow.MlflowClient(uri)
-    client.set_terminated(first.run_id, "FAILED")  # what an interrupted run looks like to --resume
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    client.set_terminated(first.run_id, "KILLED")  # what an interrupted (Ctrl-C) run looks like to --resume
     resumed = run_train(cfg(), resume=True)
-    assert resumed.run_id == first.run_id
+    assert resumed.run_id == first.run_id and client.get_run(first.run_id).info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(first.run_id, "train/resumed_from_step")] == [15]
     out = capfd.readouterr()
 
