@@ -55,7 +55,7 @@ from pipelines.data import ensure_dataset, load_split
 from pipelines.errors import ConfigError, SearchError
 from pipelines.ray_env import init_ray, storage_path
 from pipelines.reporting import StageResult
-from pipelines.tracking import MetricSink, OpenRun, Tracker, stage_run
+from pipelines.tracking import MetricSink, OpenRun, Tracker, experiment_name, stage_run
 from pipelines.tracking.cards import describe_version
 from vae.factor_metrics import discrete_factors
 from vae.gwae import GWAE, GWAEConfig
@@ -481,7 +481,7 @@ def run_tune(
             trial_tags = {"mlflow.parentRunId": run_id, "vaepipe.stage": "tune-trial",
                           "vaepipe.dataset": run_tags["vaepipe.dataset"], "vaepipe.git_commit": run_tags[
                               "vaepipe.git_commit"], "vaepipe.pipeline_run": run_tags["vaepipe.pipeline_run"]}
-            callbacks = _make_callbacks(tracker, run_id, cfg.name, trial_tags, cfg)
+            callbacks = _make_callbacks(tracker, run_id, experiment_name(cfg.name), trial_tags, cfg)
             tuner = tune.Tuner(trainable, param_space=tune_spaces.to_tune_space(space),
                                tune_config=_tune_config(t), run_config=_run_config(t, ray_name, storage, callbacks))
         print(f"[tune] {t.num_samples} trial(s) of {t.epochs} epochs × {steps} steps, space {space_file}; "
