@@ -20,6 +20,7 @@ import yaml
 
 from pipelines.errors import ConfigError
 from vae.config import Config, in_range, non_negative, positive
+from vae.config import ConfigError as ModelConfigError
 from vae.configs import GWAEConfig, NCPConfig, NVAEConfig
 
 
@@ -286,7 +287,12 @@ class PipelineConfig(Config):
             merged = base.to_dict()
             merged.update(nvae)
             data["nvae"] = merged
-        return super().from_dict(data, prefix="")
+        try:
+            return super().from_dict(data, prefix="")
+        except ConfigError:
+            raise
+        except ModelConfigError as e:  # a section's own checks (types, ranges): a user error like any other
+            raise ConfigError(str(e)) from None
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
