@@ -163,3 +163,28 @@ def storage_path(configured: str | None, workdir: str) -> str:
     (Ray workers run in other working directories)."""
     path = configured or str(Path(workdir) / "ray")
     return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def interruptible(fn, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a helper thread while this (main) thread waits, so that Ctrl-C reaches the caller as
+    KeyboardInterrupt. Ray Train installs its own SIGINT handler when `fit()` runs on the main thread, and that handler
+    ends the process with SystemExit, past every `finally` that would close the MLflow runs; on another thread it
+    installs none. The thread is a daemon: after an interrupt the process ends without waiting for it, and Ray's own
+    shutdown stops what it started."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the waiting thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=f"vaepipe-{getattr(fn, '__name__', 'call')}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.25)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

@@ -34,10 +34,10 @@ from pipelines.config import PipelineConfig
 from pipelines.data import ray_dataset, read_manifest
 from pipelines.data.readers import image_transform, iter_torch_batches
 from pipelines.errors import ConfigError, TrainingError
-from pipelines.ray_env import init_ray, loopback_torch_config, storage_path
+from pipelines.ray_env import init_ray, interruptible, loopback_torch_config, storage_path
 from pipelines.redaction import redact_mapping
 from pipelines.reporting import Progress, StageResult, png_bytes
-from pipelines.tracking import MetricSink, Tracker, stage_run
+from pipelines.tracking import MetricSink, Tracker, find_resumable, stage_run
 from pipelines.tracking.cards import describe_version
 
 STAGE = "train"
@@ -606,6 +606,8 @@ def run_train(
     world = max(1, t.num_workers)
     steps_per_epoch, total_steps = plan_steps(manifest.splits["train"], world, t.worker_batch_size, t.epochs)
     storage = storage_path(cfg.train.storage_path, cfg.tracking.workdir)
+    if resume:
+        find_resumable(tracker, cfg, STAGE, resume)  # a wrong --resume target fails before Ray starts
     init_ray(ray_address)
     # Same batches in the same order on a rerun: exact resume needs it, and shuffling comes from a seeded buffer.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -650,7 +652,7 @@ def run_train(
         continue_with = (f"vaepipe train CONFIG --resume {run_id}" if run.owns_parent
                          else f"vaepipe run CONFIG --resume {run.parent_run_id}")
         try:
-            result = trainer.fit()
+            result = interruptible(trainer.fit)
         except ray.train.TrainingFailedError as e:
             raise TrainingError(
                 f"training stopped after Ray restarted the workers train.max_failures={t.max_failures} times "

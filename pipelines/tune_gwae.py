@@ -55,7 +55,7 @@ from pipelines.data import ensure_dataset, load_split
 from pipelines.errors import ConfigError, SearchError
 from pipelines.ray_env import init_ray, storage_path
 from pipelines.reporting import StageResult
-from pipelines.tracking import MetricSink, OpenRun, Tracker, experiment_name, stage_run
+from pipelines.tracking import MetricSink, OpenRun, Tracker, experiment_name, find_resumable, stage_run
 from pipelines.tracking.cards import describe_version
 from vae.factor_metrics import discrete_factors
 from vae.gwae import GWAE, GWAEConfig
@@ -459,6 +459,8 @@ def run_tune(
     # A checkpoint per epoch forces an experiment snapshot per epoch (what keeps --resume exact); Ray warns about
     # the snapshot rate each time, which is noise for short epochs.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resume:
+        find_resumable(tracker, cfg, STAGE, resume)  # a wrong --resume target fails before Ray starts
     init_ray(ray_address)
     _check_resources(cfg)
     trainable = tune.with_resources(tune.with_parameters(train_gwae, plan=plan, data=data),

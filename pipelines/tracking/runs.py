@@ -386,6 +386,8 @@ def list_pipeline_runs(cfg: "TrackingConfig", experiment: str | None = None, lim
     if scheme(uri) == "sqlite" and sqlite_path(uri) is not None and not sqlite_path(uri).exists():
         return []
     tracker = Tracker.connect(cfg)
+    if experiment is not None:
+        close_stale_runs(tracker, experiment)  # what is listed as RUNNING is running
     parents = tracker.find_runs(experiment, stage="pipeline", max_results=limit)
     names = {}
     rows = []
