@@ -11,8 +11,10 @@ works whether the CLI is a module or a package.
 Warm figures: the first run of each command warms the OS file cache and is the one that records imports (a hook at
 interpreter exit lists every loaded module whose top-level name is torch, ray, mlflow, pyarrow, pandas or yaml,
 and `-X importtime` gives the costliest third-party imports); then `--repeats` plain runs are timed, wall
-clock around the whole process, and the median and minimum are printed. With `--baseline`, the same is done for a
-second tree and the ratio baseline / root is printed (above 1: the root starts faster).
+clock around the whole process, and the median and minimum are printed, with the median CPU time (user + system)
+of the process, which other load on the machine inflates less than wall time; the load average is printed too.
+With `--baseline`, the same is done for a second tree and the ratio baseline / root is printed (above 1: the root
+starts faster).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -66,6 +69,7 @@ class Result:
     command: str
     rc: int = 0
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)   # user + system CPU seconds of each timed process
     modules: list[str] = field(default_factory=list)
     import_s: dict[str, float] = field(default_factory=dict)
     pipelines_file: str | None = None
@@ -78,6 +82,10 @@ class Result:
     @property
     def best(self) -> float:
         return min(self.times) if self.times else float("nan")
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else float("nan")
 
     def heavy_summary(self) -> str:
         counts = {name: sum(1 for m in self.modules if m.split(".")[0] == name) for name in HEAVY}
@@ -148,10 +156,13 @@ def measure(root: Path, python: str, name: str, args: list[str], repeats: int, t
             res.error = "\n".join(tail)
             return res
     for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         run = subprocess.run([python, "-c", code], cwd=root, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, timeout=timeout)
         res.times.append(time.perf_counter() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        res.cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         res.rc = res.rc or run.returncode
     return res
 
@@ -162,9 +173,9 @@ def report(root: Path, results: list[Result]) -> None:
     for r in results:
         if r.pipelines_file and not str(Path(r.pipelines_file).resolve()).startswith(expected):
             print(f"  WARNING: {r.command!r} imported pipelines from {r.pipelines_file}, not from this tree")
-    print(f"  {'command':<13} {'median s':>9} {'min s':>8} {'rc':>3}  heavy modules loaded (submodule count)")
+    print(f"  {'command':<13} {'median s':>9} {'min s':>8} {'cpu s':>7} {'rc':>3}  heavy modules loaded (submodules)")
     for r in results:
-        print(f"  {r.command:<13} {r.median:>9.3f} {r.best:>8.3f} {r.rc:>3}  {r.heavy_summary()}")
+        print(f"  {r.command:<13} {r.median:>9.3f} {r.best:>8.3f} {r.cpu_median:>7.3f} {r.rc:>3}  {r.heavy_summary()}")
     for r in results:
         if r.import_s:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r.import_s.items())
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python: {args.python}; {args.repeats} timed runs per command after 1 warm-up; wall clock per process")
     for name, cmd in COMMANDS.items():
         print(f"  {name!r}: vaepipe {shlex.join(cmd)}")
+    print("load average at start (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+          + f" on {os.cpu_count()} CPUs")
     all_results: list[list[Result]] = []
     for root in roots:
         all_results.append([measure(root, args.python, name, cmd, args.repeats, args.timeout)
@@ -203,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== ratio baseline / root (above 1: {roots[0].name} starts faster)")
         for a, b in zip(new, old):
             if a.times and b.times:
-                print(f"  {a.command:<13} median {b.median / a.median:6.2f}x   min {b.best / a.best:6.2f}x")
+                print(f"  {a.command:<13} median {b.median / a.median:6.2f}x   min {b.best / a.best:6.2f}x   "
+                      f"cpu {b.cpu_median / a.cpu_median:6.2f}x")
+    print("load average at end (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     failed = any(r.rc for rs in all_results for r in rs)
     return 1 if failed else 0
 

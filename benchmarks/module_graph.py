@@ -13,8 +13,8 @@ a module, else of `pkg`. A package's `__init__` is the module named after the pa
 Prints: the number of modules and import edges; the import cycles (strongly connected components of more than one
 module, with their members), also counting only the imports that run (leaving out `if TYPE_CHECKING:` blocks); the
 imports of the package's own modules made inside functions or classes rather than at module level; module-level
-imports of its own modules wrapped in try/except ImportError (anywhere); the imports from `tune_spaces/` of `pipelines` or
-`vae`; and the line count of every file, longest first, flagging files over the limit (600 lines).
+imports of its own modules wrapped in try/except ImportError (anywhere); the imports from `tune_spaces/` of
+`pipelines` or `vae`; and the line count of every file, longest first, flagging files over the limit (600 lines).
 """
 from __future__ import annotations
 
