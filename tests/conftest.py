@@ -55,7 +55,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    from pipelines.common import start_local_ray
+    from pipelines.ray_env import start_local_ray
 
     # A fresh local Ray even when a `ray start --head` runs on this machine (test_submit), bound to 127.0.0.1 as
     # the stages' own local Ray is.

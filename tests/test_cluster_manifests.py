@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import submit
+from pipelines.cli import jobs
 from pipelines.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def _check_vaepipe_command(cmd: str) -> None:
     assert argv[:2] in (["vaepipe", "run"], ["vaepipe", "submit"]), cmd
     if argv[1] == "submit":
         parser = argparse.ArgumentParser(prog="vaepipe")
-        submit.register(parser.add_subparsers(dest="command"))
+        jobs.register(parser.add_subparsers(dest="command"))
         args = parser.parse_args(argv[1:])
         config, overrides = args.config, args.overrides
     else:

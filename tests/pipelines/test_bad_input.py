@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 
 from pipelines import cli
+from pipelines.cli import stages
+from pipelines.config import load_config
+from pipelines.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo.yaml"
 
 
 def _run(args: list[str], capsys) -> tuple[int, str]:
@@ -71,6 +75,37 @@ def test_an_empty_config_file_is_refused(capsys, tmp_path):
     assert code == 2 and "is empty" in err
     (tmp_path / "ok.yaml").write_text("name: mine\n")  # one line is enough: everything else has a default
     assert _run(["config", "validate", str(tmp_path / "ok.yaml")], capsys)[0] == 0
+
+
+def test_a_user_error_in_a_handler_is_one_line_and_exit_2(capsys):
+    with pytest.raises(UserError):  # what the handler meets is a UserError, whoever catches it
+        load_config(DEMO, ["train.lr=-1"])
+    capsys.readouterr()
+    code = cli.main(["config", "show", str(DEMO), "--set", "train.lr=-1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""  # nothing half-printed
+    assert err.splitlines() == ["vaepipe: error: train.lr: -1.0 is out of range; allowed: > 0"]
+    code, err = _run(["config", "validate", str(REPO / "configs" / "no-such.yaml")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "does not exist" in err and "configs/demo.yaml" in err
+
+
+def test_only_user_errors_become_exit_2_and_ctrl_c_is_130_with_the_resume_line(capsys, monkeypatch):
+    def bug(args):
+        raise KeyError("a bug, not a user's mistake")
+
+    monkeypatch.setattr(stages, "config_show", bug)
+    with pytest.raises(KeyError, match="a bug"):  # a bug keeps its traceback
+        cli.main(["config", "show", str(DEMO)])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "train", interrupted)
+    capsys.readouterr()
+    assert cli.main(["train", str(DEMO)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("vaepipe: interrupted") and "vaepipe train CONFIG --resume" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------------ folder source

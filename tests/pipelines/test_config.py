@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,6 +106,44 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["config", "show", str(DEMO), "--set", "train.epochs=0"]) == 2
     err = capsys.readouterr().err
     assert "vaepipe: error: train.epochs: 0 is out of range" in err and "Traceback" not in err
+
+
+# `vaepipe ARGS` as `python -m pipelines.cli` runs it, reporting at exit which heavy packages got imported.
+_HEAVY = ("torch", "ray", "mlflow", "pyarrow")
+_LOADED_AT_EXIT = """
+import atexit, json, runpy, sys
+def report():
+    loaded = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
+    sys.__stderr__.write("LOADED=" + json.dumps(loaded) + "\\n")
+atexit.register(report)
+sys.argv = ["vaepipe", *ARGS]
+runpy.run_module("pipelines.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def _heavy_loaded(args: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    code = _LOADED_AT_EXIT.replace("HEAVY", repr(_HEAVY)).replace("ARGS", repr(args))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("LOADED="))
+    return proc, json.loads(line.removeprefix("LOADED="))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--help"], "usage: vaepipe"),
+    (["config", "show", "configs/demo.yaml"], "name: demo"),
+    (["config", "validate", "configs/demo.yaml"], "valid"),
+])
+def test_help_and_config_commands_import_no_heavy_package(args, says):
+    proc, loaded = _heavy_loaded(args)
+    assert proc.returncode == 0 and says in proc.stdout, proc.stderr[-2000:]
+    assert loaded == [], f"`vaepipe {' '.join(args)}` imported {loaded}"
+
+
+def test_the_import_probe_sees_a_heavy_import(tmp_path):
+    """The probe above can fail: a command that does need MLflow is reported as loading it."""
+    proc, loaded = _heavy_loaded(["runs", "list", "--tracking-uri", f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"])
+    assert proc.returncode == 0 and "no pipeline runs yet" in proc.stdout, proc.stderr[-2000:]
+    assert "mlflow" in loaded
 
 
 # ------------------------------------------------------------------------------------------ shipped recipes

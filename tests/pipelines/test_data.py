@@ -32,7 +32,7 @@ from pipelines.data import (
     verify,
 )
 from pipelines.data import prepare as prepare_mod
-from pipelines.data.cli import register
+from pipelines.cli.data import register
 from pipelines.data.shapes import FACTOR_RANGES, SHAPES
 from vae.config import ConfigError
 

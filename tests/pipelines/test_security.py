@@ -166,17 +166,24 @@ def test_params_tags_and_config_yaml_never_hold_a_credential(mlflow_store, tmp_p
     from mlflow import MlflowClient
 
     from pipelines.config import load_config
-    from pipelines.tracking import Tracker
+    from pipelines.tracking import Tracker, pipeline_run, stage_run
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"tracking.workdir={mlflow_store.workdir}", f"tracking.tracking_uri={mlflow_store.tracking_uri}",
         f"tracking.artifact_location={mlflow_store.artifact_location}",
         "tracking.registry_uri=postgresql://bob:PLANT-reg-1@db/mlflow", "data.cache_dir=s3://AK:PLANT-cache-2@b/c"])
     tracker = Tracker(mlflow_store.tracking_uri, mlflow_store.artifact_location)
-    parent = tracker.start_pipeline_run(cfg)
-    tracker.log_params(parent, {"db_password": "PLANT-param-3", "endpoint": "https://u:PLANT-param-4@h/x"})
-    tracker.set_tags(parent, {"vaepipe.api_token": "PLANT-tag-5", "note": "http://u:PLANT-tag-6@h"})
+    with pipeline_run(tracker, cfg) as run:
+        parent = run.run_id
+        tracker.log_params(parent, {"db_password": "PLANT-param-3", "endpoint": "https://u:PLANT-param-4@h/x"})
+        tracker.set_tags(parent, {"vaepipe.api_token": "PLANT-tag-5", "note": "http://u:PLANT-tag-6@h"})
+        # A stage that fails on a credential-bearing URI: its error tag keeps the cause, not the secret.
+        with pytest.raises(OSError):
+            with stage_run(tracker, cfg, "train", parent_run_id=parent):
+                raise OSError("cannot open s3://AK:PLANT-error-7@b/c/shard.parquet")
     client = MlflowClient(mlflow_store.tracking_uri)
+    (failed,) = client.search_runs([client.get_run(parent).info.experiment_id], "tags.`vaepipe.stage` = 'train'")
+    assert failed.info.status == "FAILED" and "s3://****@b/c/shard.parquet" in failed.data.tags["vaepipe.error"]
     run = client.get_run(parent)
     assert run.data.params["tracking.registry_uri"] == "postgresql://****@db/mlflow"
     assert run.data.params["db_password"] == MASK and run.data.tags["vaepipe.api_token"] == MASK
@@ -242,7 +249,7 @@ def test_a_swapped_model_file_is_refused_before_unpickling(mlflow_store, tmp_pat
                                                       f"tracking.tracking_uri={mlflow_store.tracking_uri}",
                                                       f"tracking.artifact_location={mlflow_store.artifact_location}"])
     tracker = Tracker.connect(cfg.tracking)
-    run_id = tracker.start_pipeline_run(cfg)
+    run_id = tracker.create_run(cfg.name, {"vaepipe.stage": "train"}, run_name="train")
     uri = tracker.log_pytorch_model(run_id, NVAE(NVAEConfig.preset("tiny", image_shape=(1, 8, 8))))
     version = tracker.register_model(uri, "sec-nvae")
     mv = tracker.client.get_model_version("sec-nvae", version)

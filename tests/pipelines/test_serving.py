@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from pipelines import serving
+from pipelines.tracking import cards, lineage
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("nvae", "ncp", "gwae")
@@ -264,7 +265,7 @@ def test_dataset_inputs_name_source_digest_split_and_size(registry, digits16):
 
     tracker = registry["tracker"]
     run_id = tracker.client.create_run(tracker.experiment_id("serving")).info.run_id
-    serving.log_dataset_inputs(tracker, run_id, digits16, ("train", "val", "test"))
+    lineage.log_dataset_inputs(tracker, run_id, digits16, ("train", "val", "test"))
     manifest = read_manifest(digits16)
     inputs = tracker.client.get_run(run_id).inputs.dataset_inputs
     by_split = {next(t.value for t in i.tags if t.key == "vaepipe.split"): i for i in inputs}
@@ -297,10 +298,10 @@ def test_model_card_and_promotion_reason(registry, digits16):
     tracker.log_metrics(run1, {"val/bpd": 2.5, "val/nelbo": 310.0}, step=0)
     tracker.set_tags(run1, {"vaepipe.pipeline_run": "PIPE1", "vaepipe.source_model": "none",
                             "vaepipe.dataset": "digits16@abc"})
-    card = serving.describe_version(tracker, name, v1, cfg, run1)
+    card = cards.describe_version(tracker, name, v1, cfg, run1)
     stored = tracker.client.get_model_version(name, v1).description
     assert stored == card
-    assert serving.config_hash(cfg) in card and "`vaepipe train`" in card
+    assert lineage.config_hash(cfg) in card and "`vaepipe train`" in card
     from pipelines.data import read_manifest
     assert read_manifest(digits16).sha256 in card
     assert "| `val/bpd` | val | 2.5 |" in card and "PIPE1" in card
@@ -308,7 +309,7 @@ def test_model_card_and_promotion_reason(registry, digits16):
     assert f"mlflow models serve -m models:/{name}/{v1} --env-manager local" in card
 
     for kind, stage, what in (("ncp", "ncp", "An NCP-VAE"), ("gwae", "tune", "The best GWAE")):
-        other = serving.describe_version(tracker, f"serving-{kind}", registry["uris"][kind].rsplit("/", 1)[1], cfg,
+        other = cards.describe_version(tracker, f"serving-{kind}", registry["uris"][kind].rsplit("/", 1)[1], cfg,
                                          registry["run_ids"][kind])
         assert other.splitlines()[2].startswith(what) and f"`vaepipe {stage}`" in other, other[:400]
 
@@ -319,7 +320,7 @@ def test_model_card_and_promotion_reason(registry, digits16):
     source = tracker.client.get_model_version(name, v1).source
     v2 = tracker.client.create_model_version(name, source, run_id=run2).version
     tracker.set_tags(run2, {"vaepipe.source_model": f"models:/{name}@champion"})  # aliases move: the card pins it
-    assert f"models:/{name}@champion (version {v1} at registration)" in serving.describe_version(
+    assert f"models:/{name}@champion (version {v1} at registration)" in cards.describe_version(
         tracker, name, v2, cfg, run2)
     promote(tracker, name, version=str(v2))
     first = tracker.client.get_model_version(name, v1).description
@@ -480,7 +481,7 @@ def test_train_stage_logs_its_data_registers_a_card_and_a_servable_model(ray_loc
 
     card = client.get_model_version(result.registered_model, result.registered_version).description
     assert card.startswith(f"# {result.registered_model} v{result.registered_version}")
-    assert serving.config_hash(cfg) in card and manifest.sha256 in card and "`val/" in card
+    assert lineage.config_hash(cfg) in card and manifest.sha256 in card and "`val/" in card
     pipeline_run = client.get_run(result.run_id).data.tags["vaepipe.pipeline_run"]
     assert pipeline_run in card and result.run_id in card
 

@@ -8,6 +8,8 @@ import math
 import pickle
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +24,10 @@ from PIL import Image
 
 from pipelines import tracking
 from pipelines.config import PipelineConfig, TrackingConfig
-from pipelines.tracking import Tracker, TrackingUnavailableError, dataset_tag, list_pipeline_runs
+from pipelines.errors import ConfigError, Diverged
+from pipelines.cli import runs as runs_cli
+from pipelines.tracking import Tracker, TrackingUnavailableError, dataset_tag, list_pipeline_runs, runs, store as store_mod
+from pipelines.tracking.tracker import _image_to_uint8_hwc
 
 STAGE_TAGS = ("vaepipe.stage", "vaepipe.pipeline_run", "vaepipe.dataset", "vaepipe.source_model", "vaepipe.git_commit")
 
@@ -64,19 +69,25 @@ class _Sampler(torch.nn.Module):
 def test_pipeline_and_stage_runs_round_trip(store, tmp_path):
     tracker = Tracker.connect(store)
     cfg = _config(store)
-    data = dataset_tag(_manifest(tmp_path))
-    parent = tracker.start_pipeline_run(cfg, run_name="pipe")
-    child = tracker.start_stage_run(cfg, "ncp", parent, dataset_tag=data, source_model="models:/x-nvae@candidate")
-
-    tracker.log_metrics(child, {"train/loss": 3.0, "val/bpd": torch.tensor(1.5)}, step=0)
-    tracker.log_metrics(child, {"train/loss": 2.0, "val/bpd": np.float32(1.25)}, step=5)
-    tracker.log_metrics(child, {"train/loss": float("inf"), "val/bpd": float("nan")}, step=9)
+    manifest = _manifest(tmp_path)
+    data = dataset_tag(manifest)
     grid = torch.linspace(0, 1, 3 * 8 * 8).reshape(3, 8, 8)
-    tracker.log_image(child, grid, "samples/grid.png")
-    tracker.log_image(child, np.full((4, 5), 7, dtype=np.uint8), "gray.png")
-    tracker.log_dict(child, {"fid": 12.5}, "eval/metrics.json")
-    tracker.end_run(child, "FAILED")
-    tracker.end_run(parent)
+    with tracking.pipeline_run(tracker, cfg, data_path=str(manifest)) as pipe:
+        parent = pipe.run_id
+        # A stage whose body raises closes FAILED, with the error as a tag; its pipeline run goes on.
+        with pytest.raises(RuntimeError, match="boom"):
+            with tracking.stage_run(tracker, cfg, "ncp", parent_run_id=parent, data_path=str(manifest), splits=(),
+                                    source_model="models:/x-nvae@candidate") as run:
+                child = run.run_id
+                assert run.parent_run_id == parent and not run.resumed
+                assert tracker.get_run(child).info.status == "RUNNING"
+                run.log_metrics({"train/loss": 3.0, "val/bpd": torch.tensor(1.5)}, step=0)
+                run.log_metrics({"train/loss": 2.0, "val/bpd": np.float32(1.25)}, step=5)
+                run.log_metrics({"train/loss": float("inf"), "val/bpd": float("nan")}, step=9)
+                tracker.log_image(child, grid, "samples/grid.png")
+                tracker.log_image(child, np.full((4, 5), 7, dtype=np.uint8), "gray.png")
+                tracker.log_dict(child, {"fid": 12.5}, "eval/metrics.json")
+                raise RuntimeError("boom")
 
     client = tracker.client
     p, c = client.get_run(parent), client.get_run(child)
@@ -89,6 +100,10 @@ def test_pipeline_and_stage_runs_round_trip(store, tmp_path):
     assert c.data.tags["vaepipe.source_model"] == "models:/x-nvae@candidate"
     assert c.data.tags["vaepipe.git_commit"] == tracking.git_commit() != ""
     assert (p.info.status, c.info.status) == ("FINISHED", "FAILED")
+    assert c.data.tags[runs.END_REASON_TAG] == "failed" and c.data.tags[runs.ERROR_TAG] == "RuntimeError: boom"
+    assert p.data.tags[runs.END_REASON_TAG] == "finished" and runs.ERROR_TAG not in p.data.tags
+    assert p.data.tags[runs.CONFIG_HASH_TAG] == c.data.tags[runs.CONFIG_HASH_TAG] == tracking.config_hash(cfg)
+    assert c.data.tags[runs.DRIVER_TAG] == runs.driver_id() and float(c.data.tags[runs.HEARTBEAT_TAG]) > 0
     assert c.data.params == {k: str(v) for k, v in cfg.flat().items()}
 
     history = sorted(client.get_metric_history(child, "train/loss"), key=lambda m: m.step)
@@ -128,11 +143,12 @@ def test_batches_past_mlflow_limits_and_truncates_long_params(mlflow_server):
     # Against the server, which enforces MLflow's per-request limits on what it receives.
     tracker = Tracker.connect(mlflow_server.tracking)
     cfg = _config(mlflow_server.tracking)
-    run_id = tracker.start_stage_run(cfg, "train", tracker.start_pipeline_run(cfg))
+    run_id = tracker.create_run(cfg.name, {"vaepipe.stage": "train"}, run_name="train")
     params = {f"extra.p{i:03d}": i for i in range(250)}  # MLflow takes 100 params per request
     params["extra.long"] = "x" * 7000  # over MLflow's 6000-character value limit
     tracker.log_params(run_id, params)
-    tracker.log_metrics(run_id, {f"m/{i:04d}": float(i) for i in range(1200)}, step=3)  # 1000 per request
+    sink = tracking.MetricSink(tracker, run_id)  # the path every stage's metrics take
+    assert len(sink.log({f"m/{i:04d}": float(i) for i in range(1200)}, step=3)) == 1200  # 1000 per request
 
     run = tracker.client.get_run(run_id)
     assert all(run.data.params[f"extra.p{i:03d}"] == str(i) for i in range(250))
@@ -145,17 +161,17 @@ def test_batches_past_mlflow_limits_and_truncates_long_params(mlflow_server):
 def test_register_model_with_alias_loads_back_and_is_listed(store, tmp_path, capsys):
     tracker = Tracker.connect(store)
     cfg = _config(store)
-    parent = tracker.start_pipeline_run(cfg, run_name="pipe")
-    child = tracker.start_stage_run(cfg, "train", parent)
     torch.manual_seed(0)
     model = _Sampler()
-    model_uri = tracker.log_pytorch_model(child, model)
     name = f"{cfg.name}-nvae"
-    assert tracker.register_model(model_uri, name, tags={"bpd": 1.5}) == "1"
-    v2 = tracker.register_model(f"runs:/{child}/model", name)  # a run-relative URI works as well
-    assert v2 == "2"
-    tracker.end_run(child)
-    tracker.end_run(parent)
+    # A stage run on its own opens (and closes) a pipeline run of its own, so `runs list` shows it.
+    with tracking.stage_run(tracker, cfg, "train") as run:
+        child, parent = run.run_id, run.parent_run_id
+        model_uri = tracker.log_pytorch_model(child, model)
+        assert tracker.register_model(model_uri, name, tags={"bpd": 1.5}) == "1"
+        v2 = tracker.register_model(f"runs:/{child}/model", name)  # a run-relative URI works as well
+        assert v2 == "2"
+    assert parent != child and tracker.get_run(parent).info.status == "FINISHED"
 
     mv = tracker.get_model_version_by_alias(name, "candidate")
     assert str(mv.version) == "2" and mv.run_id == child
@@ -181,7 +197,7 @@ def test_register_model_with_alias_loads_back_and_is_listed(store, tmp_path, cap
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump({"name": cfg.name, "tracking": store.to_dict()}))
     parser = argparse.ArgumentParser()
-    tracking.register(parser.add_subparsers(dest="command", required=True))
+    runs_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["runs", "list", "--config", str(cfg_file), "--limit", "5"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -191,7 +207,7 @@ def test_register_model_with_alias_loads_back_and_is_listed(store, tmp_path, cap
 
 def test_runs_list_with_tracking_uri_and_no_store(tmp_path, capsys, monkeypatch):
     parser = argparse.ArgumentParser()
-    tracking.register(parser.add_subparsers(dest="command", required=True))
+    runs_cli.register(parser.add_subparsers(dest="command", required=True))
     missing = tmp_path / "none" / "mlflow.db"
     args = parser.parse_args(["runs", "list", "--tracking-uri", f"sqlite:///{missing}"])
     assert args.func(args) == 0
@@ -257,7 +273,7 @@ def test_dataset_tag_hashes_the_manifest_bytes(tmp_path):
 
 def test_retries_only_while_the_database_is_locked(monkeypatch):
     delays: list[float] = []
-    monkeypatch.setattr(tracking.time, "sleep", delays.append)
+    monkeypatch.setattr(store_mod.time, "sleep", delays.append)
     calls = []
 
     def flaky():
@@ -266,17 +282,17 @@ def test_retries_only_while_the_database_is_locked(monkeypatch):
             raise mlflow.exceptions.MlflowException("wrapped") from sqlite3.OperationalError("database is locked")
         return "ok"
 
-    assert tracking._retry_locked(flaky) == "ok"
+    assert store_mod.retry_locked(flaky) == "ok"
     assert len(calls) == 3 and len(delays) == 2 and delays[0] < 0.4 <= delays[1]  # backing off
     with pytest.raises(ValueError):
-        tracking._retry_locked(lambda: (_ for _ in ()).throw(ValueError("other")))
+        store_mod.retry_locked(lambda: (_ for _ in ()).throw(ValueError("other")))
     assert len(delays) == 2  # other errors are not retried
 
     def always_locked():
         raise sqlite3.OperationalError("database is locked")
 
     with pytest.raises(sqlite3.OperationalError):
-        tracking._retry_locked(always_locked)
+        store_mod.retry_locked(always_locked)
 
 
 def test_bad_inputs_name_the_fix(mlflow_server):
@@ -284,7 +300,7 @@ def test_bad_inputs_name_the_fix(mlflow_server):
     with pytest.raises(ValueError, match="PNG"):
         tracker.log_image("run", torch.zeros(3, 4, 4), "grid.jpg")
     with pytest.raises(ValueError, match="make_grid"):
-        tracking._image_to_uint8_hwc(torch.zeros(2, 3, 4, 4))
+        _image_to_uint8_hwc(torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
         tracker.end_run("run", "DONE")
     with pytest.raises(TypeError, match="'train/loss'"):
@@ -303,3 +319,205 @@ def test_connecting_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
     assert "MLFLOW_TRACKING_URI" not in os.environ
     second = Tracker.connect(TrackingConfig(workdir=str(tmp_path / "b")))
     assert first.tracking_uri.endswith("/a/mlflow.db") and second.tracking_uri.endswith("/b/mlflow.db")
+
+
+# ------------------------------------------------------------------------------------------------ metric sink
+
+
+def test_metric_sink_refuses_bare_names_and_logs_non_finite_values_as_nan(mlflow_store):
+    tracker = Tracker.connect(mlflow_store)
+    run_id = tracker.create_run("sink", {"vaepipe.stage": "train"})
+    sink = tracking.MetricSink(tracker, run_id)
+    for bad in ({"loss": 1.0}, {"train/loss": 1.0, "psnr": 2.0}, {"/loss": 1.0}, {"loss/": 1.0}):
+        with pytest.raises(ValueError, match="namespaced") as e:
+            sink.log(bad, step=0)
+        assert repr(next(k for k in bad if "/" not in k.strip("/"))) in str(e.value)
+    assert tracker.get_run(run_id).data.metrics == {}  # a refused batch logs none of its values
+
+    logged = sink.log({"train/loss": float("inf"), "train/grad_norm": float("-inf"), "val/bpd": float("nan"),
+                       "val/nelbo": torch.tensor(2.5)}, step=3)
+    assert set(logged) == {"train/loss", "train/grad_norm", "val/bpd", "val/nelbo"}
+    for key in ("train/loss", "train/grad_norm", "val/bpd"):
+        (m,) = tracker.metric_history(run_id, key)
+        assert m.step == 3 and math.isnan(m.value), (key, m.value)  # not clamped to ±1.8e308, not dropped
+    assert [m.value for m in tracker.metric_history(run_id, "val/nelbo")] == [2.5]
+
+
+def test_metric_sink_drops_replayed_steps_also_across_a_resume(mlflow_store):
+    tracker = Tracker.connect(mlflow_store)
+    run_id = tracker.create_run("sink", {"vaepipe.stage": "train"})
+    first = tracking.MetricSink(tracker, run_id)
+    for step in range(5):
+        first.log({"train/loss": float(step), "val/bpd": 10.0 + step}, step=step)
+    assert first.log({"train/loss": 99.0}, step=2) == {} and first.dropped == 1  # a restarted worker replays
+
+    # The driver comes back (a resumed run): a new sink learns each metric's last step from the store.
+    second = tracking.MetricSink(tracker, run_id, resumed=True)
+    for step in range(3, 8):
+        second.log({"train/loss": 100.0 + step, "val/bpd": 200.0 + step}, step=step)
+    assert second.dropped == 4  # steps 3 and 4 of both metrics
+
+    loss = sorted((m.step, m.value) for m in tracker.metric_history(run_id, "train/loss"))
+    assert loss == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0), (7, 107.0)]
+    bpd = [m.step for m in tracker.metric_history(run_id, "val/bpd")]
+    assert sorted(bpd) == list(range(8))  # every step once: no duplicates
+    # Without resumed=True a sink knows nothing of the store: that is what would have duplicated the steps.
+    fresh = tracking.MetricSink(tracker, run_id)
+    assert fresh.log({"train/loss": -1.0}, step=7) == {"train/loss": -1.0}
+
+
+# ------------------------------------------------------------------------------------------------ run lifecycle
+
+
+def _running(tracker: Tracker, cfg: PipelineConfig) -> list[str]:
+    return [r.info.run_id for r in tracker.find_runs(cfg.name, filter_string="attributes.status = 'RUNNING'")]
+
+
+@pytest.mark.parametrize("ending, status, reason, error", [
+    (None, "FINISHED", "finished", None),
+    (KeyboardInterrupt, "KILLED", "interrupted", None),
+    (ValueError("shard part-00003.parquet is corrupt"), "FAILED", "failed",
+     "ValueError: shard part-00003.parquet is corrupt"),
+    (Diverged("train/loss is NaN at step 12"), "FAILED", "diverged", "Diverged: train/loss is NaN at step 12"),
+])
+def test_stage_run_closes_itself_and_its_own_pipeline_run(mlflow_store, ending, status, reason, error):
+    tracker = Tracker.connect(mlflow_store)
+    cfg = _config(mlflow_store)
+
+    def body():
+        with tracking.stage_run(tracker, cfg, "train") as run:
+            ids.extend([run.run_id, run.parent_run_id])
+            assert set(_running(tracker, cfg)) == set(ids)
+            # A child left RUNNING under it (a tune trial's run) is closed with it.
+            ids.append(tracker.create_run(cfg.name, {"mlflow.parentRunId": run.run_id}, run_name="trial"))
+            run.log_metrics({"train/loss": 1.0}, step=0)
+            if ending is not None:
+                raise ending
+
+    ids: list[str] = []
+    if ending is None:
+        body()
+    else:
+        with pytest.raises(ending if isinstance(ending, type) else type(ending)):
+            body()
+    run_id, parent_id, trial_id = ids
+    run, parent = tracker.get_run(run_id), tracker.get_run(parent_id)
+    assert parent.data.tags["vaepipe.stage"] == "pipeline" and run.data.tags["mlflow.parentRunId"] == parent_id
+    assert run.data.tags["vaepipe.pipeline_run"] == parent_id
+    for r in (run, parent):
+        assert r.info.status == status and r.info.end_time is not None
+        assert r.data.tags[runs.END_REASON_TAG] == reason
+        assert r.data.tags.get(runs.ERROR_TAG) == error
+    assert tracker.get_run(trial_id).info.status == ("FINISHED" if status == "FINISHED" else "KILLED")
+    assert _running(tracker, cfg) == []  # no path leaves a run RUNNING
+
+
+def test_resume_reopens_the_run_and_its_pipeline_run(mlflow_store):
+    tracker = Tracker.connect(mlflow_store)
+    cfg = _config(mlflow_store)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run(tracker, cfg, "train") as first:
+            first.log_metrics({"train/loss": 2.0}, step=10)
+            raise KeyboardInterrupt
+    with tracking.stage_run(tracker, cfg, "train", resume=True, progress_metric="train/loss") as again:
+        assert (again.run_id, again.parent_run_id, again.resumed) == (first.run_id, first.parent_run_id, True)
+        assert again.resumed_from_step == 10
+        assert set(_running(tracker, cfg)) == {first.run_id, first.parent_run_id}
+        again.log_metrics({"train/loss": 1.5}, step=10)  # the replayed step is dropped
+        again.log_metrics({"train/loss": 1.0}, step=20)
+    assert [(m.step, m.value) for m in sorted(tracker.metric_history(first.run_id, "train/loss"),
+                                              key=lambda m: m.step)] == [(10, 2.0), (20, 1.0)]
+    for rid in (first.run_id, first.parent_run_id):
+        assert tracker.get_run(rid).info.status == "FINISHED"
+    assert _running(tracker, cfg) == [] and len(tracker.find_runs(cfg.name, stage="train")) == 1
+
+
+def _killed_train_run(tracker: Tracker, cfg: PipelineConfig) -> str:
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run(tracker, cfg, "train") as run:
+            raise KeyboardInterrupt
+    return run.run_id
+
+
+def test_find_resumable_refuses_a_run_of_another_config(mlflow_store):
+    tracker = Tracker.connect(mlflow_store)
+    cfg = _config(mlflow_store)
+    other = cfg.replace(train=cfg.train.replace(lr=cfg.train.lr * 10))  # same name (experiment), another model
+    mine, theirs = tracking.config_hash(cfg), tracking.config_hash(other)
+    assert mine != theirs
+    # Fields that only change how a run is carried out keep the hash: such a config may resume it.
+    assert tracking.config_hash(cfg.replace(train=cfg.train.replace(max_failures=7))) == mine
+    run_id = _killed_train_run(tracker, cfg)
+
+    with pytest.raises(ConfigError, match=f"another config.*hash {mine}.*this config has {theirs}"):
+        tracking.find_resumable(tracker, other, "train", run_id)
+    with pytest.raises(ConfigError, match=f"no interrupted train run of this config \\(hash {theirs}\\)") as e:
+        tracking.find_resumable(tracker, other, "train", True)
+    assert run_id in str(e.value) and f"hash {mine}" in str(e.value)
+    with pytest.raises(ConfigError, match="another config"):
+        with tracking.stage_run(tracker, other, "train", resume=run_id):
+            pytest.fail("a run of another config was resumed")
+    assert _running(tracker, cfg) == []
+    assert tracking.find_resumable(tracker, cfg, "train", True).info.run_id == run_id
+    assert tracker.get_run(run_id).info.status == "KILLED"  # the refusals left it as it was
+
+
+def test_find_resumable_skips_a_diverged_run_unless_named(mlflow_store):
+    tracker = Tracker.connect(mlflow_store)
+    cfg = _config(mlflow_store)
+    interrupted = _killed_train_run(tracker, cfg)
+    time.sleep(0.01)  # the diverged run is the newer one
+    with pytest.raises(Diverged):
+        with tracking.stage_run(tracker, cfg, "train") as run:
+            raise Diverged("val/bpd is inf")
+    diverged = run.run_id
+    assert tracker.get_run(diverged).data.tags[runs.END_REASON_TAG] == "diverged"
+
+    assert tracking.find_resumable(tracker, cfg, "train", True).info.run_id == interrupted
+    assert tracking.find_resumable(tracker, cfg, "train", diverged).info.run_id == diverged  # named: allowed
+    with tracking.stage_run(tracker, cfg, "train", resume=True) as again:
+        assert again.run_id == interrupted
+    with pytest.raises(ConfigError, match=f"{diverged} \\(it diverged.*--resume {diverged}"):
+        tracking.find_resumable(tracker, cfg, "train", True)  # only the diverged one is left
+    with pytest.raises(ConfigError, match="finished; nothing to resume"):
+        tracking.find_resumable(tracker, cfg, "train", interrupted)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _driven_run(tracker: Tracker, cfg: PipelineConfig, pid: int, beat_age_s: float) -> str:
+    return tracker.create_run(cfg.name, {
+        "vaepipe.stage": "train", runs.DRIVER_TAG: f"{socket.gethostname()}:{pid}",
+        runs.HEARTBEAT_TAG: f"{time.time() - beat_age_s:.0f}", runs.HEARTBEAT_EVERY_TAG: "30"})
+
+
+def test_close_stale_runs_closes_runs_whose_driver_is_gone_and_leaves_live_ones(mlflow_store):
+    tracker = Tracker.connect(mlflow_store)
+    cfg = _config(mlflow_store)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        dead = _driven_run(tracker, cfg, _dead_pid(), beat_age_s=0)  # fresh beat, but its process is gone
+        child = tracker.create_run(cfg.name, {"mlflow.parentRunId": dead})
+        silent = _driven_run(tracker, cfg, alive.pid, beat_age_s=10 * 30)  # alive, but 10 beats missed
+        live = _driven_run(tracker, cfg, alive.pid, beat_age_s=5)
+        assert sorted(tracking.close_stale_runs(tracker, cfg.name)) == sorted([dead, silent])
+        for rid, why in ((dead, "is gone"), (silent, "last beat")):
+            run = tracker.get_run(rid)
+            assert run.info.status == "KILLED" and run.data.tags[runs.END_REASON_TAG] == "driver lost"
+            assert why in run.data.tags[runs.ERROR_TAG]
+        assert tracker.get_run(child).info.status == "KILLED"
+        assert tracker.get_run(live).info.status == "RUNNING"
+        assert tracking.close_stale_runs(tracker, cfg.name) == []  # nothing more to close
+        # The next stage run of this config closes the stale runs itself; the live one stays.
+        alive.kill()
+        alive.wait()
+        with tracking.stage_run(tracker, cfg, "ncp"):
+            assert tracker.get_run(live).info.status == "KILLED"
+    finally:
+        alive.kill()
+        alive.wait()
+    assert _running(tracker, cfg) == []
