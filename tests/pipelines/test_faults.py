@@ -182,8 +182,7 @@ def _tiny_state(lr: float):
                                                       "train.max_skipped_steps=3", "train.val_iw_examples=8"])
     x = torch.tensor(load_digits().images[:32] / 16.0, dtype=torch.float32)[:, None]
     x = F.interpolate(x, size=16, mode="bilinear").clamp(0, 1)
-    plan = TrainPlan(run_id="r", tracking_uri="", data_path="", train_examples=32, val_examples=32, steps_per_epoch=1,
-                     total_steps=50, heartbeat_dir="", init_checkpoint=None, max_steps=None)
+    plan = TrainPlan(steps_per_epoch=1, total_steps=50, heartbeat_dir="")
     return cfg, setup(cfg, plan, torch.device("cpu")), x
 
 
@@ -236,6 +235,12 @@ def test_train_with_an_absurd_learning_rate_ends_with_the_designed_message(ray_l
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert any(math.isnan(v) for v in losses)  # the non-finite values reached MLflow
     assert not client.get_metric_history(run.info.run_id, "train/resumed_from_step")  # never retried
+    assert run.data.tags["vaepipe.end_reason"] == "diverged" and "diverged" in run.data.tags["vaepipe.error"]
+    # --resume leaves a diverged run alone unless it is named: it would diverge again from its checkpoints.
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{run.info.run_id} \\(it diverged"):
+        run_train(cfg, resume=True)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipelines.cli import main
 from pipelines.config import load_config
-from pipelines.run import run_pipeline
+from pipelines.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,17 +75,17 @@ def test_promote_refuses_a_worse_version(mlflow_store, tmp_path):
     """Two registered versions whose runs carry val/bpd: promoting the worse one over the better is refused."""
     import torch
 
-    from pipelines.tracking import Tracker
+    from pipelines.tracking import Tracker, pipeline_run, stage_run
 
     tracker = Tracker.connect(mlflow_store)
     cfg = load_config(REPO / "configs" / "demo.yaml", ["name=promo"])
-    parent = tracker.start_pipeline_run(cfg)
     versions = []
-    for bpd in (1.0, 2.0):
-        run = tracker.start_stage_run(cfg, "train", parent)
-        tracker.log_metrics(run, {"val/bpd": bpd}, step=0)
-        model_uri = tracker.log_pytorch_model(run, torch.nn.Linear(2, 2))
-        versions.append(tracker.register_model(model_uri, "promo-nvae"))
+    with pipeline_run(tracker, cfg) as parent:
+        for bpd in (1.0, 2.0):
+            with stage_run(tracker, cfg, "train", parent_run_id=parent.run_id) as run:
+                run.log_metrics({"val/bpd": bpd}, step=0)
+                model_uri = tracker.log_pytorch_model(run.run_id, torch.nn.Linear(2, 2))
+                versions.append(tracker.register_model(model_uri, "promo-nvae"))
     args = ["--tracking-uri", mlflow_store.tracking_uri]
     assert main(["promote", "promo-nvae", "--version", versions[0], *args]) == 0
     assert main(["promote", "promo-nvae", "--version", versions[1], *args]) == 2
