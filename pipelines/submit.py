@@ -506,22 +506,6 @@ def follow_up_commands(job_id: str, address: str) -> str:
     )
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-def _tracking_note(cfg: Any, env: Mapping[str, str]) -> str | None:
-    uri = cfg.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return (
-            "no MLFLOW_TRACKING_URI: the job tracks into sqlite inside its working dir on the head node, which goes "
-            "away with the cluster; export MLFLOW_TRACKING_URI=http://MLFLOW_HOST:5000 (cluster/README.md)"
-        )
-    host = (urlsplit(uri).hostname or "") if "://" in uri else ""
-    if uri.startswith(("sqlite:", "file:", "/")) or host in ("localhost", "127.0.0.1", "::1"):
-        return f"tracking URI {redact_text(uri)} is resolved on the cluster (the head node), not on this machine"
-    return None
-
-
 def tracking_note(cfg: Any, env: Mapping[str, str]) -> str | None:
     uri = cfg.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI")
     if not uri:

@@ -26,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pipelines.processes import process_alive
+
 LOOPBACK = "127.0.0.1"
 LABEL = "vaepipe-node"  # node label key: its value is the node's name (head, w1, w2, ...)
 
@@ -170,7 +172,7 @@ class LoopbackCluster:
         deadline = time.monotonic() + timeout_s
         head = self.nodes[0]
         while True:
-            if not _alive(head.pid):
+            if not process_alive(head.pid):
                 raise RuntimeError(f"the Ray head exited: {_tail(head.log)}")
             try:
                 if "ray_version" in self._get("/api/version"):
@@ -191,7 +193,7 @@ class LoopbackCluster:
         deadline = time.monotonic() + timeout_s
         while True:
             for node in self.nodes:
-                if not _alive(node.pid) and node.name in self._expected():
+                if not process_alive(node.pid) and node.name in self._expected():
                     raise RuntimeError(f"Ray node {node.name} exited: {_tail(node.log)}")
             try:
                 alive = self.alive_nodes()
@@ -223,7 +225,7 @@ class LoopbackCluster:
         for node in reversed(self.nodes):
             _kill_group(node.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
-        while any(_alive(n.pid) for n in self.nodes) and time.monotonic() < deadline:
+        while any(process_alive(n.pid) for n in self.nodes) and time.monotonic() < deadline:
             time.sleep(0.2)
         for node in reversed(self.nodes):
             _kill_group(node.pid, signal.SIGKILL)
@@ -242,19 +244,6 @@ class LoopbackCluster:
     def from_json(cls, text: str) -> "LoopbackCluster":
         d = json.loads(text)
         return cls(d["root"], d["gcs_address"], d["dashboard"], [Node(**n) for n in d["nodes"]], {})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _reap(pid: int) -> None:

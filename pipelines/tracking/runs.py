@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from pipelines.errors import ConfigError
+from pipelines.processes import process_alive
 from pipelines.redaction import redact_text
 from pipelines.tracking.lineage import NONE_TAG, config_hash, dataset_tag, git_commit, log_dataset_inputs
 from pipelines.tracking.sink import MetricSink
@@ -96,16 +97,6 @@ def driver_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_reason(run: "Run", now: float | None = None) -> str | None:
     """Why a RUNNING run has no live driver (None when it may still have one)."""
     tags = run.data.tags
@@ -116,7 +107,7 @@ def stale_reason(run: "Run", now: float | None = None) -> str | None:
     if host == socket.gethostname() and pid.isdigit():
         if int(pid) == os.getpid():
             return None
-        if not _pid_alive(int(pid)):
+        if not process_alive(int(pid)):
             return f"its driver process {driver} is gone"
     now = time.time() if now is None else now
     every = float(tags.get(HEARTBEAT_EVERY_TAG, HEARTBEAT_S))
@@ -191,6 +182,25 @@ def _log_config(tracker: Tracker, run_id: str, cfg: "PipelineConfig") -> None:
     tracker.log_text(run_id, dump_config(cfg), "config.yaml")
 
 
+@contextlib.contextmanager
+def _closed_if_failing(tracker: Tracker, run_ids: Sequence[str]) -> Iterator[None]:
+    """Close `run_ids`, created but not yet owned by a run context, if the rest of the opening fails (a dataset whose
+    inputs cannot be read, a store error): KILLED on Ctrl-C, else FAILED with the error, never left RUNNING."""
+    try:
+        yield
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        tags = {END_REASON_TAG: "interrupted"} if interrupted else {
+            END_REASON_TAG: getattr(e, "reason", "failed"),
+            ERROR_TAG: redact_text(f"{type(e).__name__}: {e}")[:_ERROR_CHARS]}
+        for run_id in run_ids:
+            try:
+                tracker.set_tags(run_id, tags)
+            finally:
+                tracker.end_run(run_id, "KILLED" if interrupted else "FAILED")
+        raise
+
+
 def _open_new(tracker: Tracker, cfg: "PipelineConfig", stage: str, parent_run_id: str | None, data_path: str | None,
               splits: Sequence[str], source_model: str | None, run_name: str | None) -> str:
     tags = _lineage_tags(cfg, stage, data_path, source_model)
@@ -200,11 +210,12 @@ def _open_new(tracker: Tracker, cfg: "PipelineConfig", stage: str, parent_run_id
                      "vaepipe.pipeline_run": parent.data.tags.get("vaepipe.pipeline_run", parent_run_id)})
     tags.update({DRIVER_TAG: driver_id(), HEARTBEAT_TAG: f"{time.time():.0f}", HEARTBEAT_EVERY_TAG: f"{HEARTBEAT_S:g}"})
     run_id = tracker.create_run(cfg.name, tags, run_name=run_name or stage)
-    if parent_run_id is None:
-        tracker.set_tags(run_id, {"vaepipe.pipeline_run": run_id})
-    _log_config(tracker, run_id, cfg)
-    if data_path and splits:
-        log_dataset_inputs(tracker, run_id, data_path, splits)
+    with _closed_if_failing(tracker, [run_id]):
+        if parent_run_id is None:
+            tracker.set_tags(run_id, {"vaepipe.pipeline_run": run_id})
+        _log_config(tracker, run_id, cfg)
+        if data_path and splits:
+            log_dataset_inputs(tracker, run_id, data_path, splits)
     return run_id
 
 
@@ -329,7 +340,8 @@ def stage_run(
         if parent_run_id is None:
             parent_run_id = _open_new(tracker, cfg, "pipeline", None, data_path, (), None, run_name or stage)
             owned.append(parent_run_id)
-        run_id = _open_new(tracker, cfg, stage, parent_run_id, data_path, splits, source_model, run_name)
+        with _closed_if_failing(tracker, owned):
+            run_id = _open_new(tracker, cfg, stage, parent_run_id, data_path, splits, source_model, run_name)
         opened = OpenRun(tracker, run_id, stage, parent_run_id, owns_parent=bool(owned))
     with _closing(tracker, cfg.name, [run_id, *owned]):
         yield opened
