@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipelines import tracking
 from pipelines.config import PipelineConfig, TrackingConfig
-from pipelines.errors import ConfigError, Diverged
+from pipelines.errors import ConfigError, DatasetError, Diverged, MissingInputError
 from pipelines.cli import runs as runs_cli
 from pipelines.tracking import Tracker, TrackingUnavailableError, dataset_tag, list_pipeline_runs, runs, store as store_mod
 from pipelines.tracking.tracker import _image_to_uint8_hwc
@@ -412,6 +412,22 @@ def test_stage_run_closes_itself_and_its_own_pipeline_run(mlflow_store, ending, 
     assert _running(tracker, cfg) == []  # no path leaves a run RUNNING
 
 
+def test_a_failure_while_opening_leaves_no_run_running(mlflow_store, tmp_path):
+    """The manifest passes the dataset tag but its splits cannot be read as dataset inputs: the runs created so far
+    (the stage's and its own pipeline run) close FAILED with the error, before any body runs."""
+    tracker = Tracker.connect(mlflow_store)
+    cfg = _config(mlflow_store)
+    with pytest.raises(DatasetError, match="prepare the dataset again"):
+        with tracking.stage_run(tracker, cfg, "train", data_path=str(_manifest(tmp_path)), splits=("train", "val")):
+            pytest.fail("the body ran although the run could not be opened")
+    opened = tracker.find_runs(cfg.name)
+    assert sorted(r.data.tags["vaepipe.stage"] for r in opened) == ["pipeline", "train"]
+    for r in opened:
+        assert r.info.status == "FAILED" and r.data.tags[runs.END_REASON_TAG] == "failed"
+        assert r.data.tags[runs.ERROR_TAG].startswith("DatasetError: ")
+    assert _running(tracker, cfg) == []
+
+
 def test_resume_reopens_the_run_and_its_pipeline_run(mlflow_store):
     tracker = Tracker.connect(mlflow_store)
     cfg = _config(mlflow_store)
@@ -460,6 +476,8 @@ def test_find_resumable_refuses_a_run_of_another_config(mlflow_store):
     assert _running(tracker, cfg) == []
     assert tracking.find_resumable(tracker, cfg, "train", True).info.run_id == run_id
     assert tracker.get_run(run_id).info.status == "KILLED"  # the refusals left it as it was
+    with pytest.raises(MissingInputError, match="runs list"):
+        tracking.find_resumable(tracker, cfg, "train", "0" * 32)  # a mistyped id
 
 
 def test_find_resumable_skips_a_diverged_run_unless_named(mlflow_store):
