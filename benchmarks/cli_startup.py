@@ -132,7 +132,7 @@ def import_times(stderr: str, top: int = 8) -> dict[str, float]:
         if name in sys.stdlib_module_names or name in OWN or name.startswith("_") or name.endswith("customize"):
             continue
         out[name] = out.get(name, 0.0) + int(m.group(1)) / 1e6
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
+    return dict(sorted(((k, v) for k, v in out.items() if v >= 0.005), key=lambda kv: -kv[1])[:top])
 
 
 def measure(root: Path, python: str, name: str, args: list[str], repeats: int, timeout: float) -> Result:
