@@ -239,7 +239,7 @@ def find_resumable(tracker: Tracker, cfg: "PipelineConfig", stage: str, resume: 
         if tags.get("vaepipe.stage") != stage:
             raise ConfigError(f"--resume {resume}: that is a {tags.get('vaepipe.stage', 'non-vaepipe')!r} run, not a "
                               f"{stage} run; `vaepipe runs list` shows the runs and their stages")
-        if run.info.status == "FINISHED":
+        if run.info.status == "FINISHED" and stage != "pipeline":  # a finished pipeline: every stage is skipped
             raise ConfigError(f"--resume {resume}: that {stage} run finished; nothing to resume (start a new run, or "
                               f"continue from its weights with --from-run where the stage has it)")
         if tags.get(CONFIG_HASH_TAG) != want:
