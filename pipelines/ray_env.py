@@ -33,13 +33,29 @@ def init_ray(address: str | None = None) -> None:
                 ray.init(address=address, _node_ip_address=LOOPBACK)
         else:
             ray.init(address=address)
+        _quiet_data()
         return
     cores = os.cpu_count() or 2
     start_local_ray(
         num_cpus=max(4, 2 * cores),
         object_store_memory=min(2 * 1024**3, max(512 * 1024**2, _memory_bytes() // 8)),
-        runtime_env={"env_vars": {"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")}},
+        runtime_env={"env_vars": {"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1"),
+                                   "RAY_DATA_DISABLE_PROGRESS_BARS": "0" if _bars() else "1"}},
     )
+    _quiet_data()
+
+
+def _bars() -> bool:
+    """Ray Data's progress bars only for a person at a terminal: in a log file or CI they are pages of redraws."""
+    import sys
+
+    return sys.stdout.isatty() or os.environ.get("VAEPIPE_VERBOSE") == "1"
+
+
+def _quiet_data() -> None:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = _bars()
 
 
 def start_local_ray(**init_kwargs: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -383,6 +384,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    if os.environ.get("VAEPIPE_VERBOSE") != "1":  # Ray Train's INFO line per report doubles the progress line
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = PipelineConfig.from_dict(loop_config["config"])
     plan = TrainPlan(**loop_config["plan"])
     ctx = ray.train.get_context()

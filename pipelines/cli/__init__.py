@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vaepipe",
         description="Train hierarchical VAEs on Ray, improve them with learned priors, track them in MLflow.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own progress bars and INFO lines too (default: vaepipe's progress lines only)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (stages, data, runs, models, jobs):
         module.register(sub)
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["VAEPIPE_VERBOSE"] = "1"  # read by the local Ray's processes, which inherit it
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
