@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test ui venv clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(VENV)/.installed
 # tests/conftest.py settles Ray's settings for the test process (its local Ray listens on 127.0.0.1 only).
 test: $(VENV)/.installed
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The MLflow UI over the demo's store, on this machine only: open http://127.0.0.1:$(UI_PORT)
+UI_PORT ?= 5000
+ui: $(VENV)/.installed
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean:
 	rm -rf runs .pytest_cache
