@@ -10,6 +10,7 @@ skipped (their results are read back from MLflow), and an interrupted stage resu
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -113,10 +114,14 @@ def summary_table(results: list[StageResult]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def open_hint(tracking_uri: str) -> str:
+def open_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """The command that opens the results (this environment's own mlflow, loopback only) and the page to browse."""
+    page = f"#/experiments/{experiment_id}" if experiment_id else ""
     if tracking_uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000"
-    return f"open {tracking_uri} in a browser"
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        return (f"{mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000   "
+                f"# then open http://127.0.0.1:5000/{page}")
+    return f"open {tracking_uri.rstrip('/')}/{page} in a browser"
 
 
 def _print_results(results: list[StageResult]) -> None:
@@ -129,12 +134,14 @@ def _print_results(results: list[StageResult]) -> None:
 def main_run(config_path: str, overrides: list[str], resume: str | None, address: str | None) -> int:
     cfg = load_config(config_path, overrides)
     t0 = time.perf_counter()
-    parent, results, timings = run_pipeline(cfg, resume=resume, ray_address=address)
+    tracker = Tracker.connect(cfg.tracking)
+    parent, results, timings = run_pipeline(cfg, resume=resume, ray_address=address, tracker=tracker)
     uri = resolve_tracking_uri(cfg.tracking)
     print(f"\nPipeline run {parent} finished in {time.perf_counter() - t0:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n")
     _print_results(results)
-    print(f"\nOpen the results:\n  {open_hint(uri)}\n  vaepipe runs list --config {config_path}")
+    print(f"\nOpen the results:\n  {open_hint(uri, tracker.experiment_id(cfg.name))}\n"
+          f"  vaepipe runs list --config {config_path}")
     return 0
 
 
@@ -147,7 +154,8 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
     datasets = [cfg.data] + ([cfg.tune.data] if cfg.tune.data.path != cfg.data.path else [])
     for data in datasets:
         ensure_dataset(data)
-    parent, results, timings = run_pipeline(cfg)
+    tracker = Tracker.connect(cfg.tracking)
+    parent, results, timings = run_pipeline(cfg, tracker=tracker)
     uri = resolve_tracking_uri(cfg.tracking)
     print(f"\nDemo finished in {time.perf_counter() - t0:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n")
@@ -160,7 +168,8 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
         if r.model_uri:
             print(f"  model      {r.model_uri}")
     print("\nOpen them:")
-    print(f"  {open_hint(uri)}")
+    print("  make ui   # the MLflow UI on http://127.0.0.1:5000, or:")
+    print(f"  {open_hint(uri, tracker.experiment_id(cfg.name))}")
     print(f"  vaepipe runs list --config {config_path}")
     print(f"  python -c \"import mlflow; mlflow.set_tracking_uri('{uri}'); "
           f"m = mlflow.pytorch.load_model('models:/{cfg.name}-nvae@candidate'); print(m.sample(4).shape)\"")
