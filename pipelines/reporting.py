@@ -25,9 +25,17 @@ class StageResult:
         return f"{self.stage}: run {self.run_id}  model {reg}  {keys}"
 
 
-def png_bytes(image: Any) -> bytes:
-    """Encode a (C,H,W) or (H,W) uint8/float-in-[0,1] tensor or array as PNG bytes."""
-    from PIL import Image
+# Pictures are enlarged (nearest neighbour, whole factors) until their short side reaches this: a grid of 16x16
+# digits is ~110 pixels wide, a smudge in a browser.
+MIN_PICTURE_SIDE = 256
+_CAPTION_HEIGHT = 14
+
+
+def png_bytes(image: Any, caption: str | None = None, min_side: int = MIN_PICTURE_SIDE) -> bytes:
+    """Encode a (C,H,W) or (H,W) uint8/float-in-[0,1] tensor or array as PNG bytes, enlarged by a whole factor
+    (nearest neighbour: pixels stay pixels) until the short side is at least `min_side`, with an optional caption
+    line above it."""
+    from PIL import Image, ImageDraw
 
     arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     if arr.dtype != np.uint8:
@@ -36,8 +44,18 @@ def png_bytes(image: Any) -> bytes:
         arr = np.transpose(arr, (1, 2, 0))
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
+    picture = Image.fromarray(arr)
+    factor = max(1, -(-min_side // max(1, min(picture.size))))
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+    if caption:
+        framed = Image.new(picture.mode, (picture.width, picture.height + _CAPTION_HEIGHT), "white" if
+                           picture.mode == "RGB" else 255)
+        framed.paste(picture, (0, _CAPTION_HEIGHT))
+        ImageDraw.Draw(framed).text((2, 1), caption, fill="black" if picture.mode == "RGB" else 0)
+        picture = framed
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    picture.save(buf, format="PNG")
     return buf.getvalue()
 
 

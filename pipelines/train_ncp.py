@@ -263,7 +263,7 @@ def evaluate_ncp(cfg: PipelineConfig, run: OpenRun, model) -> dict[str, float]:
     side = torch.cat([sample_grid(grids[m], nrow=6) for m in ("base", "sir", "langevin")], dim=2)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "samples_base_sir_langevin.png"
-        p.write_bytes(png_bytes(side))
+        p.write_bytes(png_bytes(side, "samples: base prior | NCP by SIR | NCP by Langevin"))
         tracker.log_artifact(run_id, p, artifact_path="pictures")
     print(f"[ncp] Fréchet distance in vaepipe's own features (not FID; lower is better), {len(real)} samples vs the "
           f"{split} split: " + ", ".join(f"{m} {metrics[f'{split}/fd_vaepipe_{m}']:.2f}"

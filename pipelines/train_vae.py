@@ -348,9 +348,10 @@ def picture_pngs(state: TrainState, x: torch.Tensor, device: torch.device) -> di
     pics = {}
     for temp in (1.0, 0.7):
         samples = model.sample(36, temperature=temp)
-        pics[f"samples_t{temp:.1f}"] = png_bytes(sample_grid(samples, nrow=6))
+        pics[f"samples_t{temp:.1f}"] = png_bytes(sample_grid(samples, nrow=6), f"samples, temperature {temp:.1f}")
     x = x[:16].to(device)
-    pics["reconstructions"] = png_bytes(reconstruction_grid(x, model.reconstruct(x)))
+    pics["reconstructions"] = png_bytes(reconstruction_grid(x, model.reconstruct(x)),
+                                        "pairs: validation input | its reconstruction")
     model.train()
     return pics
 

@@ -54,7 +54,7 @@ from pipelines.config import PipelineConfig
 from pipelines.data import ensure_dataset, load_split
 from pipelines.errors import ConfigError, SearchError
 from pipelines.ray_env import init_ray, storage_path
-from pipelines.reporting import StageResult
+from pipelines.reporting import StageResult, png_bytes
 from pipelines.tracking import MetricSink, OpenRun, Tracker, experiment_name, find_resumable, stage_run
 from pipelines.tracking.cards import describe_version
 from vae.factor_metrics import discrete_factors
@@ -682,8 +682,12 @@ def finish(cfg: PipelineConfig, run: OpenRun, results, space, data: dict,
     tracker.log_params(run_id, {f"best.{k}": v for k, v in sampled.items()})
     run.set_tags({"vaepipe.best_trial": best_id})
     x = torch.from_numpy(data["eval_images"][:16].astype(np.float32) / 255.0)
-    tracker.log_image(run_id, sample_grid(model.sample(36), nrow=6), "pictures/best_samples.png")
-    tracker.log_image(run_id, reconstruction_grid(x, model.reconstruct(x)), "pictures/best_reconstructions.png")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "best_samples.png").write_bytes(png_bytes(sample_grid(model.sample(36), nrow=6),
+                                                             "samples of the best trial's GWAE"))
+        (Path(d) / "best_reconstructions.png").write_bytes(png_bytes(
+            reconstruction_grid(x, model.reconstruct(x)), "pairs: validation input | its reconstruction"))
+        tracker.log_artifacts(run_id, d, "pictures")
     logged_uri = tracker.log_pytorch_model(run_id, model, name="model", input_example=data["eval_images"][:1])
     name = f"{cfg.name}-gwae"
     version = tracker.register_model(logged_uri, name, alias="candidate",
