@@ -46,7 +46,8 @@ def plain_loop(cfg, steps: int, threads: int) -> tuple[float, float]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     seed_everything(0)
-    plan = TrainPlan(steps_per_epoch=steps, total_steps=steps, heartbeat_dir=tempfile.mkdtemp())
+    plan = TrainPlan(train_examples=steps * cfg.train.batch_size, steps_per_epoch=steps, total_steps=steps,
+                     heartbeat_dir=tempfile.mkdtemp())
     state = setup(cfg, plan, torch.device("cpu"))
     reader = ParquetImageReader(cfg.data.path, "train", batch_size=cfg.train.worker_batch_size, shuffle=True,
                                 drop_last=True)

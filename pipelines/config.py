@@ -14,7 +14,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -76,9 +76,14 @@ class TrainConfig(Config):
     _prefix: ClassVar[str] = "train."
     epochs: int = dataclasses.field(default=10, metadata=positive())
     # The GLOBAL batch: images per optimizer step over all workers (a recipe means the same on 1 worker or 64).
-    # Each worker takes batch_size / num_workers of them (`worker_batch_size`), so it must divide evenly.
+    # Each worker takes batch_size / max workers of them per forward pass (`worker_batch_size`), so it must divide.
     batch_size: int = dataclasses.field(default=128, metadata=positive())
-    num_workers: int = dataclasses.field(default=2, metadata=in_range(0, None))
+    # Workers: a number, or [min, max] for elastic training. Elastic, Ray Train runs as many as the cluster has room
+    # for between min and max, shrinks when a node is lost and grows when one joins (checked every
+    # elastic_resize_interval_s), restarting from the last checkpoint; with fewer than max workers each accumulates
+    # gradients over max / workers forward passes, so the global batch stays batch_size.
+    num_workers: Union[int, tuple[int, int]] = dataclasses.field(default=2, metadata=in_range(0, None))
+    elastic_resize_interval_s: float = dataclasses.field(default=60.0, metadata=positive())
     use_gpu: bool = False
     cpus_per_worker: float = dataclasses.field(default=1.0, metadata=positive())
     gpus_per_worker: float = dataclasses.field(default=1.0, metadata=non_negative())
@@ -114,17 +119,38 @@ class TrainConfig(Config):
     storage_path: Optional[str] = None
 
     @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
     def world_size(self) -> int:
-        return max(1, self.num_workers)  # num_workers=0 trains in one process
+        """Workers at full size (num_workers=0 trains in one process)."""
+        return max(1, self.max_workers)
 
     @property
     def worker_batch_size(self) -> int:
-        """Images each worker takes per step: the global batch split evenly over the workers."""
+        """Images each worker takes per forward pass: the global batch split evenly over the most workers."""
         return self.batch_size // self.world_size
+
+    def accumulation(self, world: int) -> int:
+        """Forward passes per optimizer step for `world` workers: enough that world × passes ≥ the most workers
+        (exactly the global batch whenever `world` divides the maximum)."""
+        return -(-self.world_size // max(1, world))
 
     def validate(self) -> None:
         if self.lr_min > self.lr:
             raise ConfigError(f"train.lr_min: {self.lr_min} is above train.lr={self.lr}; the cosine decay goes down to lr_min")
+        if isinstance(self.num_workers, tuple) and not 1 <= self.min_workers <= self.max_workers:
+            raise ConfigError(f"train.num_workers: {list(self.num_workers)} is not [min, max] with 1 <= min <= max; "
+                              f"e.g. [1, 4] trains on 1 to 4 workers (elastic), or give one number")
         world = self.world_size
         if self.batch_size % world:
             lower = self.batch_size // world * world

@@ -65,6 +65,7 @@ class Diverged(errors.Diverged):
 
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
+    train_examples: int
     steps_per_epoch: int
     total_steps: int
     heartbeat_dir: str
@@ -161,17 +162,26 @@ def autocast(cfg: PipelineConfig, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor, cfg: PipelineConfig,
-                  device: torch.device, total_steps: int) -> dict[str, torch.Tensor | float]:
+def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor | list[torch.Tensor],
+                  cfg: PipelineConfig, device: torch.device, total_steps: int) -> dict[str, torch.Tensor | float]:
     """One update. Owns the loss, the non-finite check and the gradient skip with a cap on skips in a row.
 
-    The skip decision reads the gradient norm after DDP's all-reduce, so every rank decides the same way."""
+    `x` is one batch, or the micro-batches of one step when an elastic run has fewer workers than its maximum: their
+    gradients are accumulated (each loss over their number; DDP all-reduces only after the last), so the update is
+    the one of their union. The skip decision reads the gradient norm after DDP's all-reduce, so every rank decides
+    the same way."""
     t = cfg.train
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
     state.model.set_step(state.step, total_steps)
-    with autocast(cfg, device):
-        out = ddp_model(x)
     state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(out.loss).backward()
+    outs = []
+    for i, xi in enumerate(xs):
+        last = i == len(xs) - 1
+        with nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync():
+            with autocast(cfg, device):
+                out = ddp_model(xi)
+            state.scaler.scale(out.loss / len(xs) if len(xs) > 1 else out.loss).backward()
+        outs.append(out)
     state.scaler.unscale_(state.optimizer)
     # grad_clip = 0 measures the norm (for the skip rule and the logs) without clipping.
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.grad_clip or math.inf)
@@ -197,11 +207,11 @@ def training_step(state: TrainState, ddp_model: torch.nn.Module, x: torch.Tensor
     state.scheduler.step()
     state.step += 1
     # Detached tensors, no device sync per step: the loop turns them into floats (step_metrics) on logging steps.
-    kl = out.kl_per_group.detach()
+    kl = torch.cat([o.kl_per_group.detach() for o in outs])
     stats: dict[str, torch.Tensor | float] = {
-        "train/loss": out.loss.detach(),
-        "train/nelbo": out.nelbo.detach().mean(),
-        "train/recon": out.recon.detach().mean(),
+        "train/loss": torch.stack([o.loss.detach() for o in outs]).mean(),
+        "train/nelbo": torch.cat([o.nelbo.detach() for o in outs]).mean(),
+        "train/recon": torch.cat([o.recon.detach() for o in outs]).mean(),
         "train/kl": kl.sum(1).mean(),
         "train/grad_norm": grad_norm.detach(),
         "train/lr": state.optimizer.param_groups[0]["lr"],
@@ -381,6 +391,16 @@ def _batches(shard, cfg: PipelineConfig, seed: int, train: bool = True):
         yield batch["image"]
 
 
+def _grouped(batches, n: int):
+    """Consecutive groups of `n` batches (a trailing incomplete group is dropped)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -417,25 +437,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     images_seen, t_last = 0, time.perf_counter()
     stop_at = min(plan.total_steps, plan.max_steps or plan.total_steps)
+    # An elastic run below its most workers accumulates `accum` forward passes per step (the same global batch);
+    # its shards are larger, so an epoch has as many steps as planned, or one less where rounding takes it.
+    accum = cfg.train.accumulation(world)
+    steps_this_epoch = min(plan.steps_per_epoch,
+                           plan.train_examples // world // (cfg.train.worker_batch_size * accum))
     _heartbeat(plan, rank, state.step)
     while state.step < stop_at:
-        batches_done = 0
-        for x in _batches(train_shard, cfg, seed=cfg.train.seed + 7919 * state.epoch + rank):
-            if batches_done >= plan.steps_per_epoch or state.step >= stop_at:
+        batches_done = 0  # optimizer steps into this epoch
+        for xs in _grouped(_batches(train_shard, cfg, seed=cfg.train.seed + 7919 * state.epoch + rank), accum):
+            if batches_done >= steps_this_epoch or state.step >= stop_at:
                 break
             batches_done += 1
             if batches_done <= skip_batches:
                 continue  # resuming mid-epoch: these batches were trained on before the checkpoint
-            x = x.to(device, non_blocking=True)
+            xs = [x.to(device, non_blocking=True) for x in xs]
             if device.type == "cuda" and cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+                xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+            x = xs[-1]
             try:
-                stats = training_step(state, ddp_model, x, cfg, device, plan.total_steps)
+                stats = training_step(state, ddp_model, xs if accum > 1 else x, cfg, device, plan.total_steps)
             except Diverged as e:
                 _report_divergence(state, cfg, rank, stop_at, e)
                 return
-            images_seen += x.shape[0] * world
-            end_of_epoch = batches_done == plan.steps_per_epoch
+            images_seen += sum(len(b) for b in xs) * world
+            end_of_epoch = batches_done == steps_this_epoch
             stopping = state.step >= stop_at
             want_ckpt = state.step % cfg.train.checkpoint_every_steps == 0 or stopping or end_of_epoch
             if state.step % cfg.train.log_every_steps == 0 or want_ckpt:
@@ -444,7 +470,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update({
                     "step": state.step, "epoch": state.epoch + 1, "epochs": cfg.train.epochs,
                     "total_steps": stop_at, "train/images_per_s": images_seen / max(now - t_last, 1e-9),
-                    "train/skipped_steps": state.skipped_total,
+                    "train/skipped_steps": state.skipped_total, "train/world_size": world,
+                    "train/accumulation": accum,
                 })
                 if resumed_from is not None:  # the first report after a restart or --resume says where from
                     metrics["train/resumed_from_step"], resumed_from = resumed_from, None
@@ -525,12 +552,20 @@ def _make_reporter(sink: MetricSink):
 
         def __init__(self) -> None:
             self._progress: Progress | None = None
+            self._world = 0  # the worker count of the last report
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             m = dict(metrics[0])
             step = int(m.pop("step"))
             epoch, epochs, total = int(m.pop("epoch")), int(m.pop("epochs")), int(m.pop("total_steps"))
             sink.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+            world = int(m.get("train/world_size", 0))
+            if world and self._world and world != self._world:
+                event = (f"step {step}: {self._world} -> {world} workers, {int(m.get('train/accumulation', 1))} "
+                         f"forward pass(es) per step each")
+                sink.tracker.set_tags(sink.run_id, {f"vaepipe.resize.step{step:08d}": event})
+                print(f"[train] resized: {event} (the global batch stays the same)", flush=True)
+            self._world = world or self._world
             if checkpoint is not None:
                 self._log_pictures(checkpoint)
             if self._progress is None:
@@ -607,8 +642,7 @@ def run_train(
     tracker = tracker or Tracker.connect(cfg.tracking)
     init_checkpoint = _checkpoint_of_run(tracker, from_run) if from_run else None
     t = cfg.train
-    world = max(1, t.num_workers)
-    steps_per_epoch, total_steps = plan_steps(manifest.splits["train"], world, t.worker_batch_size, t.epochs)
+    steps_per_epoch, total_steps = plan_steps(manifest.splits["train"], t.world_size, t.worker_batch_size, t.epochs)
     storage = storage_path(cfg.train.storage_path, cfg.tracking.workdir)
     if resume:
         find_resumable(tracker, cfg, STAGE, resume)  # a wrong --resume target fails before Ray starts
@@ -628,7 +662,7 @@ def run_train(
             run.set_tags({"vaepipe.ray_run": ray_name})
             tracker.log_params(run_id, {"plan.steps_per_epoch": steps_per_epoch, "plan.total_steps": total_steps})
         plan = TrainPlan(
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+            train_examples=manifest.splits["train"], steps_per_epoch=steps_per_epoch, total_steps=total_steps,
             heartbeat_dir=str(Path(storage) / ray_name / "heartbeat") if "://" not in storage else tempfile.mkdtemp(),
             init_checkpoint=init_checkpoint, max_steps=t.max_steps,
         )
@@ -639,8 +673,9 @@ def run_train(
             train_loop_per_worker,
             train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
             torch_config=loopback_torch_config(),  # DDP's rendezvous store on 127.0.0.1 with the local Ray
-            scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                                   resources_per_worker=resources),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                **({"elastic_resize_monitor_interval_s": t.elastic_resize_interval_s} if t.elastic else {})),
             run_config=ray.train.RunConfig(
                 name=ray_name,
                 storage_path=storage,
@@ -650,7 +685,8 @@ def run_train(
             ),
             datasets=datasets,
         )
-        print(f"[train] {t.num_workers or 1} worker(s) × {t.worker_batch_size} images = global batch {t.batch_size}, "
+        workers = f"{t.min_workers}-{t.max_workers} (elastic)" if t.elastic else str(t.world_size)
+        print(f"[train] {workers} worker(s) × {t.worker_batch_size} images = global batch {t.batch_size}, "
               f"{steps_per_epoch} steps/epoch × {t.epochs} epochs; "
               f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
         continue_with = (f"vaepipe train CONFIG --resume {run_id}" if run.owns_parent

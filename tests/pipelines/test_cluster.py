@@ -182,3 +182,68 @@ def test_ncp_groups_spread_and_a_lost_node_reruns_only_its_groups(loopback_clust
         assert names[results[k - 1]] != victim
     for k in set((1, 2, 3)) - set(lost):
         assert attempts[k] == [first[k]]
+
+
+def test_elastic_training_grows_with_a_joining_node_and_shrinks_when_it_is_lost(loopback_cluster, cluster_driver,
+                                                                                 digits16, tmp_path):
+    """train.num_workers=[1, 2] with one 2-CPU worker per node. After the node loss above, one worker node is left:
+    training starts with 1 worker accumulating 2 forward passes per step; a node that joins brings it to 2 workers;
+    losing that node brings it back to 1. Each resize restarts from the last checkpoint, is logged (train/world_size,
+    a vaepipe.resize.* tag), keeps the global batch, and the run ends FINISHED with no duplicate steps."""
+    import threading
+
+    import mlflow
+
+    from pipelines.config import load_config
+    from pipelines.train_vae import run_train
+
+    work = tmp_path / "work"
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        "name=elastictest", f"data.path={digits16}", f"tracking.workdir={work}",
+        f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", f"train.storage_path={tmp_path / 'ray'}",
+        "train.epochs=8", "train.num_workers=[1,2]", "train.cpus_per_worker=2", "train.batch_size=64",
+        "train.val_iw_examples=0", "train.log_every_steps=2", "train.checkpoint_every_steps=6",
+        "train.elastic_resize_interval_s=3", "train.max_failures=3",
+    ])
+    alive = loopback_cluster.alive_nodes()
+    assert len([n for n in alive if n != "head"]) == 1, sorted(alive)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_train(cfg)), daemon=True)
+    thread.start()
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+
+    def world_sizes() -> list[int]:
+        exp = client.get_experiment_by_name("vaepipe/elastictest")
+        runs = client.search_runs([exp.experiment_id], "tags.`vaepipe.stage` = 'train'") if exp else []
+        if not runs:
+            return []
+        box["run_id"] = runs[0].info.run_id
+        history = sorted(client.get_metric_history(runs[0].info.run_id, "train/world_size"), key=lambda m: m.step)
+        return [int(m.value) for m in history]
+
+    def wait_for(world: int, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not (world_sizes()[-1:] == [world]):
+            assert thread.is_alive() and time.monotonic() < deadline, (world, world_sizes())
+            time.sleep(0.5)
+
+    wait_for(1)
+    loopback_cluster.add_worker("w3", num_cpus=2)
+    wait_for(2)
+    t_kill = time.monotonic()
+    loopback_cluster.kill_node("w3")
+    wait_for(1)
+    print(f"\n[figure] elastic train: back to 1 worker {time.monotonic() - t_kill:.0f} s after losing a node")
+    thread.join(timeout=600)
+    assert "result" in box, "training did not finish"
+    run = client.get_run(box["run_id"])
+    assert run.info.status == "FINISHED"
+    sizes = world_sizes()
+    assert [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]] == [1, 2, 1], sizes
+    accumulation = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train/accumulation"),
+                                                 key=lambda m: m.step)]
+    assert {(w, a) for w, a in zip(sizes, accumulation)} == {(1, 2), (2, 1)}  # global batch 64 either way
+    events = {k: v for k, v in run.data.tags.items() if k.startswith("vaepipe.resize.")}
+    assert len(events) == 2 and any("1 -> 2 workers" in v for v in events.values()), events
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == int(run.data.params["plan.total_steps"])

@@ -182,7 +182,7 @@ def _tiny_state(lr: float):
                                                       "train.max_skipped_steps=3", "train.val_iw_examples=8"])
     x = torch.tensor(load_digits().images[:32] / 16.0, dtype=torch.float32)[:, None]
     x = F.interpolate(x, size=16, mode="bilinear").clamp(0, 1)
-    plan = TrainPlan(steps_per_epoch=1, total_steps=50, heartbeat_dir="")
+    plan = TrainPlan(train_examples=32, steps_per_epoch=1, total_steps=50, heartbeat_dir="")
     return cfg, setup(cfg, plan, torch.device("cpu")), x
 
 

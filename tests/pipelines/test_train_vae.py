@@ -199,3 +199,51 @@ def test_bad_inputs_fail_before_any_worker_starts(digits16, mlflow_store, tmp_pa
         run_train(wrong_shape)
     with pytest.raises(ConfigError, match="no interrupted train run"):
         run_train(good, resume=True)
+
+
+def test_accumulated_micro_batches_update_with_the_mean_of_their_gradients():
+    """An elastic run below its most workers takes each step over several forward passes: the update must use the mean
+    of the micro-batches' gradients, each computed at the same weights, as DDP's all-reduce over that many workers
+    would. (Spectral regularisation off: its power iteration advances with every forward pass.)"""
+    import copy
+
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from pipelines.train_vae import TrainPlan, seed_everything, setup, training_step
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["nvae.lambda_sr=0", "train.grad_clip=0", "train.use_ema=false",
+                                                        "train.num_workers=[1,2]", "train.batch_size=32"])
+    assert cfg.train.accumulation(1) == 2 and cfg.train.worker_batch_size == 16
+    x = torch.tensor(load_digits().images[:32] / 16.0, dtype=torch.float32)[:, None]
+    x = F.interpolate(x, size=16, mode="bilinear").clamp(0, 1)
+    seed_everything(0)
+    state = setup(cfg, TrainPlan(train_examples=32, steps_per_epoch=1, total_steps=10, heartbeat_dir=""),
+                  torch.device("cpu"))
+    fresh = [copy.deepcopy(state.model) for _ in range(2)]
+    recorded = {}
+    step = state.optimizer.step
+
+    def recording_step(*a, **k):
+        recorded["grads"] = [p.grad.clone() for p in state.model.parameters()]
+        return step(*a, **k)
+
+    state.optimizer.step = recording_step
+    torch.manual_seed(1)
+    stats = training_step(state, state.model, [x[:16], x[16:]], cfg, torch.device("cpu"), 10)
+    torch.manual_seed(1)  # the same noise, drawn in the same order, for the micro-batches one at a time
+    grads = []
+    for model, xb in zip(fresh, (x[:16], x[16:])):
+        model.set_step(0, 10)
+        model(xb).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert state.step == 1 and torch.isfinite(stats["train/loss"])
+    for got, g1, g2 in zip(recorded["grads"], *grads):
+        torch.testing.assert_close(got, (g1 + g2) / 2, rtol=1e-4, atol=1e-6)
+    # One pass of the union would not be the same update (BatchNorm's statistics are per forward pass).
+    union = copy.deepcopy(fresh[0])
+    union.zero_grad()
+    torch.manual_seed(1)
+    union(x).loss.backward()
+    assert any(not torch.allclose(u.grad, r, rtol=1e-3, atol=1e-5)
+               for u, r in zip(union.parameters(), recorded["grads"]))
