@@ -23,8 +23,11 @@ demo: $(VENV)/.installed
 	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/vaepipe demo $(CONFIG)
 
 # tests/conftest.py settles Ray's settings for the test process (its local Ray listens on 127.0.0.1 only).
+# Two pytest workers, a test file each at a time: the end-to-end tests spend most of their time waiting on Ray and
+# MLflow processes, so two files overlap on 2 cores. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The MLflow UI over the demo's store, on this machine only: open http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000

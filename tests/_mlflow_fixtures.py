@@ -9,7 +9,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pytest
+from pipelines.processes import free_port
 
 if TYPE_CHECKING:
     from pipelines.config import TrackingConfig
@@ -64,12 +64,6 @@ def mlflow_store(tmp_path: Path, mlflow_template_db: Path) -> "TrackingConfig":
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _healthy(uri: str) -> bool:
     try:
         # No proxy: urllib's global opener may hold one from an earlier test's environment.
@@ -89,7 +83,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     if not mlflow_exe.exists():
         pytest.fail(f"no `mlflow` executable next to {sys.executable}; install mlflow into this environment")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
     cmd = [

@@ -13,6 +13,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two test processes on the cores: one intra-op thread each (and in what they start), since
+    # torch's OpenMP threads oversubscribed next to busy processes run many times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _mlflow_fixtures import *  # noqa: E402,F401,F403  (mlflow_store, mlflow_server)

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipelines.processes import process_alive
+from pipelines.processes import free_port, process_alive
 
 LOOPBACK = "127.0.0.1"
 LABEL = "vaepipe-node"  # node label key: its value is the node's name (head, w1, w2, ...)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 # `ray start` on Linux turns --node-ip-address=127.0.0.1 into the machine's routable address (so that other machines

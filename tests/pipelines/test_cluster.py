@@ -154,6 +154,11 @@ def test_ncp_groups_spread_and_a_lost_node_reruns_only_its_groups(loopback_clust
         time.sleep(seconds)
         return node
 
+    # SPREAD places on nodes with room: wait until what the job before released (its workers and trials) is free.
+    free_by = time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < free_by, (ray.available_resources(), ray.cluster_resources())
+        time.sleep(0.5)
     task = ray.remote(group).options(**group_task_options(NCPConfig()))
     refs = [task.remote(0, 0.0)] + [task.remote(k, 40.0) for k in (1, 2, 3)]
     names = loopback_cluster.node_ids()

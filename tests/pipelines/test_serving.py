@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 
 from pipelines import serving
 from pipelines.tracking import cards, lineage
+from pipelines.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("nvae", "ncp", "gwae")
@@ -333,12 +333,6 @@ def test_model_card_and_promotion_reason(registry, digits16):
 # ------------------------------------------------------------------------------------------------ real server
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float = _REQUEST_TIMEOUT_S) -> tuple[int, dict]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -360,7 +354,7 @@ def _ping(base: str) -> bool:
 
 def serve(model_uri: str, tracking_uri: str, log_path: Path):
     """Start `mlflow models serve` on a free loopback port; returns (process, base URL) once /ping answers."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # the server execs `uvicorn` by name: this interpreter's scripts come first on PATH
     env.update(MLFLOW_TRACKING_URI=tracking_uri, OMP_NUM_THREADS="1",

@@ -29,15 +29,10 @@ import pytest
 from pipelines import cli, submit
 from pipelines.errors import UserError
 from pipelines.redaction import redact_text
+from pipelines.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(argv: list[str]) -> int:
@@ -66,7 +61,7 @@ def test_address_comes_from_flag_or_ray_address_and_must_be_the_dashboard(monkey
 
 
 def test_unreachable_head_fails_fast_naming_the_address():
-    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(UserError, match=f"cannot reach the Ray dashboard at {address}"):
         submit.submit_job(address, "echo never", {})
@@ -189,7 +184,7 @@ def test_secret_files_and_gitignored_files_are_left_out_and_listed(tmp_path, mon
 
 
 def test_bad_config_or_config_outside_upload_stops_before_any_network(tmp_path, capfd):
-    dead = f"http://127.0.0.1:{_free_port()}"  # were the address tried, the error would name it instead
+    dead = f"http://127.0.0.1:{free_port()}"  # were the address tried, the error would name it instead
     assert _cli(["submit", str(REPO / "configs/demo.yaml"), "--set", "train.epochs=0", "--address", dead]) == 2
     assert "train.epochs" in capfd.readouterr().err
     (tmp_path / "pyproject.toml").write_text("[project]\nname='p'\n")
@@ -256,18 +251,18 @@ def ray_head():
 @contextlib.contextmanager
 def _started_head(auth_env: dict[str, str]):
     temp_dir = tempfile.mkdtemp(prefix="vps", dir="/tmp")  # short: unix socket paths are limited to ~107 chars
-    dash = _free_port()
+    dash = free_port()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **auth_env,
                PATH=f"{VENV_BIN}:{os.environ['PATH']}")  # jobs find `python` and `vaepipe` of this venv
     env.pop("RAY_ADDRESS", None)
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+        f"--port={free_port()}", "--node-ip-address=127.0.0.1",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         # Every other listening port explicit too: the defaults (52365, 10001, ...) clash with other local Rays.
-        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
         "--num-cpus=2", f"--object-store-memory={200 * 1024**2}", f"--temp-dir={temp_dir}",
     ]
     log = open(Path(temp_dir) / "ray-start.log", "w")
