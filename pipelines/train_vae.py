@@ -471,7 +471,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "step": state.step, "epoch": state.epoch + 1, "epochs": cfg.train.epochs,
                     "total_steps": stop_at, "train/images_per_s": images_seen / max(now - t_last, 1e-9),
                     "train/skipped_steps": state.skipped_total, "train/world_size": world,
-                    "train/accumulation": accum,
+                    "train/accumulation": accum, "train/global_batch": sum(len(b) for b in xs) * world,
                 })
                 if resumed_from is not None:  # the first report after a restart or --resume says where from
                     metrics["train/resumed_from_step"], resumed_from = resumed_from, None

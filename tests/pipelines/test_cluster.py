@@ -235,7 +235,7 @@ def test_elastic_training_grows_with_a_joining_node_and_shrinks_when_it_is_lost(
     wait_for(1)
     loopback_cluster.add_worker("w3", num_cpus=2)
     wait_for(2)
-    t_kill = time.monotonic()
+    t_kill, t_wall = time.monotonic(), time.time()
     loopback_cluster.kill_node("w3")
     wait_for(1)
     print(f"\n[figure] elastic train: back to 1 worker {time.monotonic() - t_kill:.0f} s after losing a node")
@@ -247,7 +247,16 @@ def test_elastic_training_grows_with_a_joining_node_and_shrinks_when_it_is_lost(
     assert [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]] == [1, 2, 1], sizes
     accumulation = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train/accumulation"),
                                                  key=lambda m: m.step)]
-    assert {(w, a) for w, a in zip(sizes, accumulation)} == {(1, 2), (2, 1)}  # global batch 64 either way
+    assert {(w, a) for w, a in zip(sizes, accumulation)} == {(1, 2), (2, 1)}
+    batches = {m.value for m in client.get_metric_history(run.info.run_id, "train/global_batch")}
+    assert batches == {64.0}, batches  # the recipe's global batch on 1 worker and on 2
+    # Steps lost to the node loss: from the last step logged before the kill back to where training resumed.
+    before = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss") if m.timestamp / 1000 < t_wall]
+    resumed = sorted(client.get_metric_history(run.info.run_id, "train/resumed_from_step"), key=lambda m: m.step)
+    lost = max(before) - int(resumed[-1].value)
+    print(f"[figure] elastic train: {len(resumed)} restarts, resize events {sorted(events.values())}, {lost} steps "
+          f"lost to the node loss (checkpoint every {cfg.train.checkpoint_every_steps})")
+    assert 0 <= lost <= cfg.train.checkpoint_every_steps, (lost, before[-3:], [m.value for m in resumed])
     events = {k: v for k, v in run.data.tags.items() if k.startswith("vaepipe.resize.")}
     assert len(events) == 2 and any("1 -> 2 workers" in v for v in events.values()), events
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
