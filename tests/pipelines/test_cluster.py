@@ -206,7 +206,7 @@ def test_elastic_training_grows_with_a_joining_node_and_shrinks_when_it_is_lost(
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         "name=elastictest", f"data.path={digits16}", f"tracking.workdir={work}",
         f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", f"train.storage_path={tmp_path / 'ray'}",
-        "train.epochs=5", "train.num_workers=[1,2]", "train.cpus_per_worker=2", "train.batch_size=64",
+        "train.epochs=4", "train.num_workers=[1,2]", "train.cpus_per_worker=2", "train.batch_size=64",
         "train.val_iw_examples=0", "train.log_every_steps=2", "train.checkpoint_every_steps=6",
         "train.elastic_resize_interval_s=3", "train.max_failures=3",
     ])
