@@ -406,7 +406,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     if os.environ.get("VAEPIPE_VERBOSE") != "1":  # Ray Train's INFO line per report doubles the progress line
+        from ray.train.v2._internal.execution import context as train_context
+
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # this one is named by its file path
     cfg = PipelineConfig.from_dict(loop_config["config"])
     plan = TrainPlan(**loop_config["plan"])
     ctx = ray.train.get_context()
