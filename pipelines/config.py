@@ -102,8 +102,15 @@ class TrainConfig(Config):
     # Skip updates whose gradient norm is non-finite or above this (0 = only non-finite); cap skips in a row.
     skip_grad_norm: float = dataclasses.field(default=0.0, metadata=non_negative())
     max_skipped_steps: int = dataclasses.field(default=20, metadata=positive())
-    # Rows in the seeded local shuffle buffer of each worker's data stream (0 = stream order).
+    # Rows in the seeded local shuffle buffer of each worker's data stream (0 = stream order). A dataset held in
+    # memory (below) is shuffled fully each epoch whenever this is > 0.
     shuffle_buffer: int = dataclasses.field(default=2048, metadata=non_negative())
+    # Datasets whose train + val images take at most this many MB (decoded, uint8) are read once by each worker
+    # into memory (its 1/workers share) and shuffled there every epoch; larger ones stream through Ray Data, which
+    # starts a new read pipeline for every epoch and validation pass. 0 always streams.
+    in_memory_max_mb: float = dataclasses.field(default=2048.0, metadata=non_negative())
+    # Validate (val/* figures, pictures) every this many epochs, and always at the end of the run.
+    val_every_epochs: int = dataclasses.field(default=1, metadata=positive())
     log_every_steps: int = dataclasses.field(default=20, metadata=positive())
     checkpoint_every_steps: int = dataclasses.field(default=200, metadata=positive())
     keep_checkpoints: int = dataclasses.field(default=3, metadata=positive())

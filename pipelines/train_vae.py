@@ -32,8 +32,8 @@ import torch
 
 from pipelines import checkpoints, errors
 from pipelines.config import PipelineConfig
-from pipelines.data import ray_dataset, read_manifest
-from pipelines.data.readers import image_transform, iter_torch_batches
+from pipelines.data import ray_dataset, read_manifest, verify
+from pipelines.data.readers import InMemoryShard, image_transform, iter_torch_batches
 from pipelines.errors import ConfigError, TrainingError
 from pipelines.ray_env import init_ray, interruptible, loopback_torch_config, storage_path
 from pipelines.redaction import redact_mapping
@@ -71,6 +71,7 @@ class TrainPlan:
     heartbeat_dir: str
     init_checkpoint: str | None = None  # --from-run: weights to start from
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedules still follow total_steps
+    in_memory: bool = False  # each worker reads its share of the data once (InMemoryShard) instead of streaming
 
 
 def plan_steps(train_examples: int, world: int, batch_size: int, epochs: int) -> tuple[int, int]:
@@ -380,6 +381,10 @@ def _batches(shard, cfg: PipelineConfig, seed: int, train: bool = True):
     # The data protocol acts as images are drawn: training binarises (and flips) afresh with each epoch's seed;
     # validation binarises with a fixed seed and never flips, so its figures repeat.
     transform = image_transform(cfg.data.binarize, cfg.data.hflip and train, (seed, int(train)))
+    if isinstance(shard, InMemoryShard):
+        yield from shard.batches(cfg.train.worker_batch_size, shuffle_seed=seed if shuffle else None,
+                                 drop_last=train, transform=transform)
+        return
     for batch in iter_torch_batches(
         shard,
         batch_size=cfg.train.worker_batch_size,
@@ -435,8 +440,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.train.use_gpu and world > 1:
         state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
     ddp_model = ray.train.torch.prepare_model(state.model)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    if plan.in_memory:  # verified on the driver; each worker keeps rows rank, rank + world, ... of each split
+        train_shard = InMemoryShard(cfg.data.path, "train", rank, world)
+        val_shard = InMemoryShard(cfg.data.path, "val", rank, world)
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val")
 
     images_seen, t_last = 0, time.perf_counter()
     stop_at = min(plan.total_steps, plan.max_steps or plan.total_steps)
@@ -480,7 +489,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics["train/resumed_from_step"], resumed_from = resumed_from, None
                 images_seen, t_last = 0, now
                 pictures = None
-                if end_of_epoch or stopping:
+                if stopping or (end_of_epoch and (state.epoch + 1) % cfg.train.val_every_epochs == 0):
                     # Evaluation draws its own random numbers without moving the training stream, so a run resumed
                     # from any checkpoint continues exactly as an uninterrupted one.
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -613,6 +622,12 @@ def check_dataset(cfg: PipelineConfig):
     return manifest
 
 
+def holds_in_memory(cfg: PipelineConfig, manifest) -> bool:
+    """Whether the workers read the data once into memory: its train + val images (decoded) fit the threshold."""
+    decoded = manifest.image_bytes * (manifest.splits["train"] + manifest.splits["val"])
+    return decoded <= cfg.train.in_memory_max_mb * 2**20
+
+
 def _checkpoint_of_run(tracker: Tracker, run_id: str) -> str:
     """--from-run: the final checkpoint another train run logged as its `checkpoint` artifact."""
     tracker.get_run(run_id)  # MissingInputError naming the store when there is no such run
@@ -649,11 +664,16 @@ def run_train(
     storage = storage_path(cfg.train.storage_path, cfg.tracking.workdir)
     if resume:
         find_resumable(tracker, cfg, STAGE, resume)  # a wrong --resume target fails before Ray starts
+    in_memory = holds_in_memory(cfg, manifest)
     init_ray(ray_address)
-    # Same batches in the same order on a rerun: exact resume needs it, and shuffling comes from a seeded buffer.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     # On the driver, before any run opens: a corrupt or missing shard stops here.
-    datasets = {"train": ray_dataset(cfg.data.path, "train"), "val": ray_dataset(cfg.data.path, "val")}
+    if in_memory:
+        verify(manifest, cfg.data.path, ["train", "val"])
+        datasets = None
+    else:
+        # Same batches in the same order on a rerun: exact resume needs it; shuffling comes from a seeded buffer.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        datasets = {"train": ray_dataset(cfg.data.path, "train"), "val": ray_dataset(cfg.data.path, "val")}
     source = f"runs:/{from_run}/checkpoint" if from_run else None
     with stage_run(tracker, cfg, STAGE, parent_run_id=parent_run_id, resume=resume, data_path=cfg.data.path,
                    source_model=source, progress_metric="train/loss") as run:
@@ -667,7 +687,7 @@ def run_train(
         plan = TrainPlan(
             train_examples=manifest.splits["train"], steps_per_epoch=steps_per_epoch, total_steps=total_steps,
             heartbeat_dir=str(Path(storage) / ray_name / "heartbeat") if "://" not in storage else tempfile.mkdtemp(),
-            init_checkpoint=init_checkpoint, max_steps=t.max_steps,
+            init_checkpoint=init_checkpoint, max_steps=t.max_steps, in_memory=in_memory,
         )
         resources = {"CPU": t.cpus_per_worker}
         if t.use_gpu:
@@ -689,8 +709,9 @@ def run_train(
             datasets=datasets,
         )
         workers = f"{t.min_workers}-{t.max_workers} (elastic)" if t.elastic else str(t.world_size)
+        reading = "data in memory" if in_memory else "data streamed by Ray Data"
         print(f"[train] {workers} worker(s) × {t.worker_batch_size} images = global batch {t.batch_size}, "
-              f"{steps_per_epoch} steps/epoch × {t.epochs} epochs; "
+              f"{steps_per_epoch} steps/epoch × {t.epochs} epochs, {reading}; "
               f"MLflow run {run_id}; checkpoints in {storage}/{ray_name}", flush=True)
         continue_with = (f"vaepipe train CONFIG --resume {run_id}" if run.owns_parent
                          else f"vaepipe run CONFIG --resume {run.parent_run_id}")

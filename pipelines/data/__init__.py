@@ -24,6 +24,7 @@ _EXPORTS = {
     "verify": "manifest",
     "ensure_dataset": "prepare",
     "prepare_dataset": "prepare",
+    "InMemoryShard": "readers",
     "ParquetImageReader": "readers",
     "iter_torch_batches": "readers",
     "load_split": "readers",

@@ -248,6 +248,39 @@ def load_split(
     return batch
 
 
+class InMemoryShard:
+    """One worker's rows of a split (rows `rank`, `rank + world`, ...), read once with pyarrow and kept as uint8
+    pixels, served as float batches in [0, 1] for as many passes as wanted.
+
+    This is the training path for datasets that fit in memory: an epoch is a gather from memory, where a Ray Data
+    stream starts a new read pipeline for every pass. The shard is the same for a given (rank, world) every time,
+    so a pass's order depends only on its seed (exact resume)."""
+
+    def __init__(self, path: str, split: str, rank: int = 0, world: int = 1, *, verify: bool = False,
+                 filesystem: Optional[pafs.FileSystem] = None) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        images = load_split(path, split, image_dtype=torch.uint8, verify=verify, filesystem=filesystem)["image"]
+        self.images = images[rank::world].clone()  # a copy: the rest of the split is freed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int, *, shuffle_seed: Optional[int] = None, drop_last: bool = False,
+                transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Iterator[torch.Tensor]:
+        """One pass as float32 image batches. `shuffle_seed`: a full shuffle drawn from that seed (None keeps the
+        stored order). `transform` (e.g. from `image_transform`) is applied to each batch."""
+        n = len(self.images)
+        order = None
+        if shuffle_seed is not None:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(int(shuffle_seed)))
+        stop = n - n % batch_size if drop_last else n
+        for lo in range(0, stop, batch_size):
+            rows = self.images[order[lo:lo + batch_size]] if order is not None else self.images[lo:lo + batch_size]
+            x = _scale(rows, torch.float32)
+            yield transform(x) if transform is not None else x
+
+
 # ---------------------------------------------------------------------------------------------------- Ray Data
 
 

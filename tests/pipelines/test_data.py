@@ -20,6 +20,7 @@ from PIL import Image
 from pipelines.config import DataConfig
 from pipelines.data import (
     DatasetError,
+    InMemoryShard,
     ParquetImageReader,
     ensure_dataset,
     iter_torch_batches,
@@ -598,6 +599,45 @@ def test_flips_mirror_about_half_of_the_training_images(mnist_like):
     assert bool((same | mirrored).all())  # each image is itself or its mirror image, nothing else
     assert 0.35 < mirrored.float().mean().item() < 0.65  # 160 fair coins
     assert torch.equal(next(iter(ParquetImageReader(mnist_like, "train", batch_size=160)))["image"], plain)
+
+
+def test_in_memory_shards_partition_the_split_and_shuffle_by_seed(shapes_ds):
+    out, _, src = shapes_ds
+    want = torch.from_numpy(src.splits["train"].images).float() / 255
+    shards = [InMemoryShard(str(out), "train", rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [107, 107, 106]  # rows rank, rank + 3, ...: every row once
+    ordered = [torch.cat(list(s.batches(50))) for s in shards]
+    for rank, rows in enumerate(ordered):
+        assert rows.dtype == torch.float32 and torch.allclose(rows, want[rank::3])
+    a = torch.cat(list(shards[0].batches(50, shuffle_seed=7, drop_last=True)))
+    b = torch.cat(list(shards[0].batches(50, shuffle_seed=7, drop_last=True)))
+    c = torch.cat(list(shards[0].batches(50, shuffle_seed=8, drop_last=True)))
+    assert len(a) == 100 and torch.equal(a, b) and not torch.equal(a, c)  # the order is the seed's alone
+    whole = torch.cat(list(shards[0].batches(50, shuffle_seed=7)))
+    key = lambda x: x.flatten(1)[torch.argsort(x.flatten(1).sum(1))]  # noqa: E731  (the same multiset of rows)
+    assert torch.equal(key(whole), key(ordered[0])) and not torch.equal(whole, ordered[0])
+    with pytest.raises(ValueError, match="rank 3"):
+        InMemoryShard(str(out), "train", 3, 3)
+
+
+def test_the_train_stage_in_memory_stream_applies_the_protocol(mnist_like):
+    """The train stage's batches from a worker's in-memory share: binarised afresh each epoch, validation binarised
+    the same way every time and never flipped, whole worker batches only when training."""
+    from pipelines.config import load_config
+    from pipelines.train_vae import _batches
+
+    cfg = load_config(None, [f"data.path={mnist_like}", "data.source=mnist", "data.binarize=dynamic",
+                             "data.hflip=true", "nvae.preset=mnist", "nvae.decoder=bernoulli",
+                             "train.batch_size=64", "train.num_workers=2"])
+    train = InMemoryShard(mnist_like, "train", 1, 2)
+    epoch0, epoch1 = (list(_batches(train, cfg, seed=s, train=True)) for s in (10, 11))
+    assert [len(b) for b in epoch0] == [32, 32]  # 80 of the 160 rows, whole worker batches
+    assert all(set(b.unique().tolist()) <= {0.0, 1.0} for b in epoch0)
+    assert not torch.equal(torch.cat(epoch0), torch.cat(epoch1))
+    val = InMemoryShard(mnist_like, "val", 0, 2)
+    v1, v2 = (torch.cat(list(_batches(val, cfg, seed=0, train=False))) for _ in range(2))
+    assert torch.equal(v1, v2) and len(v1) == 20
+    assert not v1[:, :, :, :2].any() and not v1[:, :, :, 30:].any()  # unflipped: the padded border stays 0
 
 
 @pytest.mark.slow
