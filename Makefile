@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test ui venv clean
+.PHONY: demo test test-cluster test-all ui venv clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,20 @@ demo: $(VENV)/.installed
 	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/vaepipe demo $(CONFIG)
 
 # tests/conftest.py settles Ray's settings for the test process (its local Ray listens on 127.0.0.1 only).
+# `make test` runs every test but the multi-node ones (marker `cluster`: three Ray nodes and elastic training on one
+# machine, about 10 minutes on 2 cores); `make test-cluster` runs those, `make test-all` everything.
 # TEST_WORKERS=2 runs two test files at a time (pytest-xdist): measured no faster on 2 cores (30 min against 32) and
 # the multi-node cluster fixture timed out beside another Ray, so the default is one process.
 TEST_WORKERS ?= 0
+PYTEST := RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 test: $(VENV)/.installed
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PYTEST) -m "not cluster" $(PYTEST_ARGS)
+
+test-cluster: $(VENV)/.installed
+	$(PYTEST) -m cluster $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The MLflow UI over the demo's store, on this machine only: open http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000

@@ -72,6 +72,7 @@ class TrainPlan:
     init_checkpoint: str | None = None  # --from-run: weights to start from
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedules still follow total_steps
     in_memory: bool = False  # each worker reads its share of the data once (InMemoryShard) instead of streaming
+    data_path: str = ""  # the dataset as workers find it: absolute (their working directory is the run's)
 
 
 def plan_steps(train_examples: int, world: int, batch_size: int, epochs: int) -> tuple[int, int]:
@@ -441,8 +442,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
     ddp_model = ray.train.torch.prepare_model(state.model)
     if plan.in_memory:  # verified on the driver; each worker keeps rows rank, rank + world, ... of each split
-        train_shard = InMemoryShard(cfg.data.path, "train", rank, world)
-        val_shard = InMemoryShard(cfg.data.path, "val", rank, world)
+        train_shard = InMemoryShard(plan.data_path, "train", rank, world)
+        val_shard = InMemoryShard(plan.data_path, "val", rank, world)
     else:
         train_shard = ray.train.get_dataset_shard("train")
         val_shard = ray.train.get_dataset_shard("val")
@@ -688,6 +689,7 @@ def run_train(
             train_examples=manifest.splits["train"], steps_per_epoch=steps_per_epoch, total_steps=total_steps,
             heartbeat_dir=str(Path(storage) / ray_name / "heartbeat") if "://" not in storage else tempfile.mkdtemp(),
             init_checkpoint=init_checkpoint, max_steps=t.max_steps, in_memory=in_memory,
+            data_path=cfg.data.path if "://" in cfg.data.path else os.path.abspath(cfg.data.path),
         )
         resources = {"CPU": t.cpus_per_worker}
         if t.use_gpu:

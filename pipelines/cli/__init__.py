@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["VAEPIPE_VERBOSE"] = "1"  # read by the local Ray's processes, which inherit it
+    else:
+        # MLflow draws a progress bar for every artifact copy (22 lines per registered model); a user's own setting wins.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

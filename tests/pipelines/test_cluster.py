@@ -12,7 +12,7 @@ import pytest
 
 from _cluster import cluster_driver, loopback_cluster  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -167,7 +167,9 @@ def test_ncp_groups_spread_and_a_lost_node_reruns_only_its_groups(loopback_clust
         assert time.monotonic() < deadline, sorted(p.name for p in log.iterdir())
         time.sleep(0.5)
     first = {int(p.name.split("-")[0]): names[p.name.split("-")[1]] for p in log.iterdir()}
-    assert len(set(first.values())) == 3, first  # SPREAD: every node got a group (PACK would fill one first)
+    # No node has room for all three long groups, so they run on two or three nodes (SPREAD is best effort: which
+    # nodes is Ray's choice); killing one of them must cost only its own groups.
+    assert len({first[k] for k in (1, 2, 3)}) >= 2, first
     assert ray.get(refs[0], timeout=60) is not None
     victim = next(first[k] for k in (1, 2, 3) if first[k] != "head")
     t_kill = time.monotonic()

@@ -431,6 +431,7 @@ def _run_command_exists() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # the whole pipeline as a job: the 3-node job in test_cluster.py covers it as well
 def test_real_pipeline_run_through_submit(ray_head, capfd):
     assert _run_command_exists(), "`vaepipe run --help` failed: the job's entrypoint would not start"
     t0 = time.monotonic()
