@@ -21,7 +21,7 @@ epoch). Three figures come out of them:
 Ratios are taken within each repeat (paired, interleaved) and printed as the median with min–max. Before each run
 the script waits (up to 15 s) for the CPUs to be idle, so one run's winding down does not land in the next.
 
-    flock /tmp/vaepipe-slow.lock .venv/bin/python benchmarks/train_overhead.py             # ~10 min on 2 cores
+    flock /tmp/vaepipe-slow.lock .venv/bin/python benchmarks/train_overhead.py             # ~8 min on 2 cores
     flock /tmp/vaepipe-slow.lock .venv/bin/python benchmarks/train_overhead.py --quick     # ~2 min: 1 repeat, 1 epoch
 
 `--repeats N`, `--epochs N` size it by hand; `--verbose` shows the stage's own output (otherwise it goes to a log
