@@ -40,9 +40,29 @@ def init_ray(address: str | None = None) -> None:
         num_cpus=max(4, 2 * cores),
         object_store_memory=min(2 * 1024**3, max(512 * 1024**2, _memory_bytes() // 8)),
         runtime_env={"env_vars": {"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1"),
-                                   "RAY_DATA_DISABLE_PROGRESS_BARS": "0" if _bars() else "1"}},
+                                   "RAY_DATA_DISABLE_PROGRESS_BARS": "0" if _bars() else "1"},
+                     "worker_process_setup_hook": "pipelines.ray_env.quiet_local_workers"},
     )
     _quiet_data()
+
+
+# Logger levels in the local Ray's worker processes. Ray Train's detached placement-group cleaner asks the state API
+# (served by the dashboard) every 2 s whether the train controller is alive, and warns each time it cannot: the local
+# Ray has no dashboard, and it ends with the driver that started it, taking every placement group with it, so the
+# cleaner has nothing to do here.
+_LOCAL_LOG_LEVELS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": "ERROR",
+}
+
+
+def quiet_local_workers() -> None:
+    """Runs in every worker process of the local Ray (runtime_env's worker_process_setup_hook): silences the
+    lines that are noise on a one-machine Ray without a dashboard, unless `vaepipe --verbose`."""
+    import logging
+
+    if os.environ.get("VAEPIPE_VERBOSE") != "1":
+        for name, level in _LOCAL_LOG_LEVELS.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _bars() -> bool:

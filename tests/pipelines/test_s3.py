@@ -183,6 +183,7 @@ def ray_with_s3_env(s3):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # an object store on loopback: with the multi-node tests in `make test-cluster`
 def test_train_with_data_checkpoints_and_artifacts_on_s3(s3, mlflow_on_s3, ray_with_s3_env, tmp_path, capfd):
     """Data read through Ray Data from s3://, checkpoints on an s3:// storage path, resumed from there; pictures,
     checkpoints and the registered model in the bucket through the tracking server; load_model in a fresh process

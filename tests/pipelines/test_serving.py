@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -446,40 +445,3 @@ def test_mlflow_models_serve_answers_every_request_type(registry, kind, tmp_path
     finally:
         stop(proc)
     assert proc.poll() is not None
-
-
-# ------------------------------------------------------------------------------------------------ a real stage
-
-
-@pytest.mark.slow
-def test_train_stage_logs_its_data_registers_a_card_and_a_servable_model(ray_local, digits16, mlflow_store, tmp_path):
-    import mlflow
-
-    from pipelines.config import load_config
-    from pipelines.data import read_manifest
-    from pipelines.train_vae import run_train
-
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"data.path={digits16}", f"tracking.workdir={mlflow_store.workdir}",
-        f"tracking.tracking_uri={mlflow_store.tracking_uri}",
-        f"tracking.artifact_location={mlflow_store.artifact_location}",
-        f"train.storage_path={tmp_path / 'ray'}", "train.epochs=1", "train.num_workers=1", "train.batch_size=64",
-        "train.val_iw_examples=0"])
-    result = run_train(cfg)
-    client = mlflow.MlflowClient(mlflow_store.tracking_uri)
-    inputs = client.get_run(result.run_id).inputs.dataset_inputs
-    manifest = read_manifest(digits16)
-    assert {i.dataset.name for i in inputs} == {f"{manifest.name}-train", f"{manifest.name}-val"}
-    sizes = {i.dataset.name: json.loads(i.dataset.profile)["num_examples"] for i in inputs}
-    assert sizes[f"{manifest.name}-train"] == manifest.splits["train"]
-
-    card = client.get_model_version(result.registered_model, result.registered_version).description
-    assert card.startswith(f"# {result.registered_model} v{result.registered_version}")
-    assert lineage.config_hash(cfg) in card and manifest.sha256 in card and "`val/" in card
-    pipeline_run = client.get_run(result.run_id).data.tags["vaepipe.pipeline_run"]
-    assert pipeline_run in card and result.run_id in card
-
-    mlflow.set_tracking_uri(mlflow_store.tracking_uri)
-    served = mlflow.pyfunc.load_model(result.model_uri)
-    out = served.predict(pd.DataFrame({"request": ["sample"]}), params={"n": 2})
-    assert [img.shape for img in serving.decode_images(list(out["image"]))] == [(16, 16), (16, 16)]

@@ -56,6 +56,31 @@ def test_plan_gives_every_rank_whole_batches_and_refuses_too_small_data():
         plan_steps(100, 2, 64, 1)
 
 
+def _assert_lineage_card_and_servable(result, cfg, digits16: str, store) -> None:
+    """The train stage logs its data as MLflow dataset inputs, describes the registered version in a model card,
+    and registers a model the pyfunc flavour serves."""
+    import pandas as pd
+
+    from pipelines import serving
+    from pipelines.data import read_manifest
+    from pipelines.tracking import lineage
+
+    client = mlflow.MlflowClient(store.tracking_uri)
+    inputs = client.get_run(result.run_id).inputs.dataset_inputs
+    manifest = read_manifest(digits16)
+    assert {i.dataset.name for i in inputs} == {f"{manifest.name}-train", f"{manifest.name}-val"}
+    sizes = {i.dataset.name: json.loads(i.dataset.profile)["num_examples"] for i in inputs}
+    assert sizes[f"{manifest.name}-train"] == manifest.splits["train"]
+    card = client.get_model_version(result.registered_model, result.registered_version).description
+    assert card.startswith(f"# {result.registered_model} v{result.registered_version}")
+    assert lineage.config_hash(cfg) in card and manifest.sha256 in card and "`val/" in card
+    pipeline_run = client.get_run(result.run_id).data.tags["vaepipe.pipeline_run"]
+    assert pipeline_run in card and result.run_id in card
+    served = mlflow.pyfunc.load_model(result.model_uri)
+    out = served.predict(pd.DataFrame({"request": ["sample"]}), params={"n": 2})
+    assert [img.shape for img in serving.decode_images(list(out["image"]))] == [(16, 16), (16, 16)]
+
+
 def _final_state(result) -> dict:
     local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="checkpoint")
     return read_checkpoint(local)
@@ -77,7 +102,9 @@ def test_resume_continues_at_the_same_step_with_identical_state(ray_local, digit
     mlflow.set_tracking_uri(mlflow_store.tracking_uri)
     common = dict(epochs=1, batch_size=64, num_workers=1, checkpoint_every_steps=10, use_ema="false",
                   log_every_steps=5)
-    straight = run_train(make_cfg(digits16, mlflow_store, tmp_path / "a", **common))
+    straight_cfg = make_cfg(digits16, mlflow_store, tmp_path / "a", **common)
+    straight = run_train(straight_cfg)
+    _assert_lineage_card_and_servable(straight, straight_cfg, digits16, mlflow_store)
 
     # The same run cut short at step 15 (checkpoint at 10 and at the stop), then resumed to the end of the epoch.
     cfg_b = make_cfg(digits16, mlflow_store, tmp_path / "b", **common, max_steps=15)

@@ -592,7 +592,7 @@ def test_pickle_round_trip_samples_the_same():
 def test_short_training_on_digits_lowers_validation_bits_per_dim(digits):
     train, val = digits
     model = tiny()
-    steps, warmup, batch = 200, 20, 64
+    steps, warmup, batch = 100, 20, 64
     opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     dims_ln2 = model.scored_dims * math.log(2)
@@ -617,4 +617,4 @@ def test_short_training_on_digits_lowers_validation_bits_per_dim(digits):
         assert torch.isfinite(out.loss), f"step {step}"
     after = val_bpd()
     print(f"validation bits/dim: {before:.3f} at init -> {after:.3f} after {steps} steps")
-    assert after < 0.8 * before  # measured: 7.11 -> 4.28
+    assert after < 0.8 * before  # measured: 7.11 -> 4.28 after 200 steps
