@@ -33,8 +33,11 @@ def _driver(args: list[str], tmp_path: Path, name: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(OMP_NUM_THREADS="1", RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     log = open(tmp_path / f"{name}.log", "w")
+    # SIGINT's default action in the driver, as at a terminal: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and so would the driver.
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO, start_new_session=True, text=True)
+                            env=env, cwd=REPO, start_new_session=True, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_line(proc: subprocess.Popen, log: Path, needle: str, timeout_s: float = 240.0) -> None:

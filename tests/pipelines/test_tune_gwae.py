@@ -331,7 +331,8 @@ def test_an_interrupted_search_resumes_into_the_same_runs(ray_local, regions16, 
     proc = subprocess.Popen(
         [sys.executable, "-c", INTERRUPTED_SEARCH, str(REPO / "configs" / "demo.yaml"), json.dumps(overrides),
          ray_local.get_runtime_context().gcs_address],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal, however pytest started
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
     lines = []
