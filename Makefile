@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 
 # tests/conftest.py settles Ray's settings for the test process (its local Ray listens on 127.0.0.1 only).
 # `make test` runs every test but those of cluster infrastructure on loopback (marker `cluster`: three Ray nodes,
-# elastic training, a `ray start` head, an S3 server; about 14 minutes on 2 cores); `make test-cluster` runs those,
+# elastic training, a `ray start` head, an S3 server; 9 minutes on 2 cores); `make test-cluster` runs those,
 # `make test-all` everything.
 # TEST_WORKERS=2 runs two test files at a time (pytest-xdist): measured no faster on 2 cores (30 min against 32) and
 # the multi-node cluster fixture timed out beside another Ray, so the default is one process.
