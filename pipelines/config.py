@@ -107,7 +107,8 @@ class TrainConfig(Config):
     shuffle_buffer: int = dataclasses.field(default=2048, metadata=non_negative())
     # Datasets whose train + val images take at most this many MB (decoded, uint8) are read once by each worker
     # into memory (its 1/workers share) and shuffled there every epoch; larger ones stream through Ray Data, which
-    # starts a new read pipeline for every epoch and validation pass. 0 always streams.
+    # starts a new read pipeline for every epoch and validation pass. 0 always streams. Each worker reads the whole
+    # split once to take its share, so a node briefly holds about this much per worker while they start.
     in_memory_max_mb: float = dataclasses.field(default=2048.0, metadata=non_negative())
     # Validate (val/* figures, pictures) every this many epochs, and always at the end of the run.
     val_every_epochs: int = dataclasses.field(default=1, metadata=positive())
