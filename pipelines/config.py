@@ -120,6 +120,9 @@ class TrainConfig(Config):
     # Validation importance-weighted NLL: K samples on the first N validation images of each worker.
     val_iw_samples: int = dataclasses.field(default=10, metadata=positive())
     val_iw_examples: int = dataclasses.field(default=128, metadata=non_negative())
+    # At the end, this many samples at temperatures 0.7 and 1.0 are shown to the judge of samples (labelled data
+    # only: a second classifier trained on the labels) for eval/judge_* figures; 0 turns it off.
+    judge_samples: int = dataclasses.field(default=500, metadata=non_negative())
     # Stop after this many steps (smoke runs); the LR and KL schedules still span all epochs.
     max_steps: Optional[int] = dataclasses.field(default=None, metadata=positive())
     seed: int = 0

@@ -104,11 +104,25 @@ def run_pipeline(cfg: PipelineConfig, resume: str | None = None, ray_address: st
     return parent.run_id, results, timings
 
 
+# The figures a stage's row shows first, when it has them (others follow in name order, four in all).
+HEADLINE = {
+    "train": ("val/bpd", "val/iw_bpd", "eval/judge_recognised_t0.7", "eval/judge_recognised_t1.0"),
+    "ncp": ("val/fd_vaepipe_base", "val/fd_vaepipe_sir", "val/judge_recognised_base", "val/judge_recognised_sir"),
+    "tune": ("psnr", "best/psnr", "dci", "best/dci", "collapsed", "search/collapsed_trials"),
+}
+
+
+def _key_metrics(r: StageResult, count: int = 4) -> list[tuple[str, float]]:
+    first = [k for k in HEADLINE.get(r.stage, ()) if k in r.metrics]
+    rest = [k for k in sorted(r.metrics) if k not in first]
+    return [(k, r.metrics[k]) for k in (first + rest)[:count]]
+
+
 def summary_table(results: list[StageResult]) -> str:
     rows = [("stage", "run id", "registered model", "key metrics")]
     for r in results:
         model = f"{r.registered_model} v{r.registered_version}" if r.registered_model else "-"
-        keys = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())[:4])
+        keys = ", ".join(f"{k}={v:.4g}" for k, v in _key_metrics(r))
         rows.append((r.stage, r.run_id, model, keys or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -124,11 +138,37 @@ def open_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
     return f"open {tracking_uri.rstrip('/')}/{page} in a browser"
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def headline(r: StageResult) -> str | None:
+    """One line of what a stage's pictures show, in figures, or None when it has none to say."""
+    m = r.metrics
+    if r.stage == "tune":
+        return summary_line(r)
+    if r.stage == "train" and "eval/judge_recognised_t0.7" in m:
+        return (f"NVAE {r.registered_model} v{r.registered_version}: samples the judge recognises (a digit at p >= 0.9)"
+                f": {_pct(m['eval/judge_recognised_t0.7'])} at temperature 0.7, "
+                f"{_pct(m.get('eval/judge_recognised_t1.0', float('nan')))} at 1.0; real images "
+                f"{_pct(m.get('eval/judge_recognised_real', float('nan')))}. Bits/dim {m.get('val/bpd', float('nan')):.3f}")
+    if r.stage == "ncp" and "val/fd_vaepipe_base" in m:
+        line = (f"NCP {r.registered_model} v{r.registered_version} against its base prior: Fréchet distance in "
+                f"vaepipe's features (lower is better) base {m['val/fd_vaepipe_base']:.1f} -> SIR "
+                f"{m['val/fd_vaepipe_sir']:.1f}, Langevin {m['val/fd_vaepipe_langevin']:.1f}")
+        if "val/judge_recognised_base" in m:
+            line += (f"; recognised by the judge base {_pct(m['val/judge_recognised_base'])} -> SIR "
+                     f"{_pct(m['val/judge_recognised_sir'])}, Langevin {_pct(m['val/judge_recognised_langevin'])}")
+        return line
+    return None
+
+
 def _print_results(results: list[StageResult]) -> None:
     print(summary_table(results))
     for r in results:
-        if r.stage == "tune":
-            print(summary_line(r))
+        line = headline(r)
+        if line:
+            print(line)
 
 
 def main_run(config_path: str, overrides: list[str], resume: str | None, address: str | None) -> int:

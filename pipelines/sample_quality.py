@@ -25,7 +25,8 @@ from pipelines.reporting import Ticker
 from pipelines.tracking import dataset_tag
 from pipelines.tracking.runs import service_run
 from vae.quality import (
-    DEFAULT_RECIPE, EXTRACTOR_VERSION, INCEPTION_WEIGHTS_FILE, InceptionScores, SampleQuality, inception_weights_help,
+    DEFAULT_RECIPE, EXTRACTOR_VERSION, INCEPTION_WEIGHTS_FILE, JUDGE_RECIPE, InceptionScores, SampleQuality,
+    inception_weights_help,
 )
 
 EXPERIMENT = "feature-extractors"
@@ -53,10 +54,10 @@ def find_extractor_run(tracker, dataset_sha256: str, key: str):
     return runs[0] if runs else None
 
 
-def feature_extractor(tracker, data_path: str, recipe: dict[str, Any] | None = None):
+def feature_extractor(tracker, data_path: str, recipe: dict[str, Any] | None = None, role: str = "feature extractor"):
     """(SampleQuality, run_id): the extractor of the dataset at `data_path`, downloaded from MLflow when one was
     logged for the same content and recipe, else trained on its train split (labels when every image has one,
-    rotations otherwise), logged, and returned. Prints what it does, and an ETA while training."""
+    rotations otherwise), logged, and returned. Prints what it does (naming it `role`), and an ETA while training."""
     manifest = read_manifest(data_path)
     sha, key = manifest.sha256, extractor_key(recipe)
     run = find_extractor_run(tracker, sha, key)
@@ -64,21 +65,33 @@ def feature_extractor(tracker, data_path: str, recipe: dict[str, Any] | None = N
         local = tracker.download_artifacts(run.info.run_id, f"{ARTIFACT_DIR}/{ARTIFACT_FILE}")
         quality = SampleQuality.from_state(torch.load(local, map_location="cpu", weights_only=True))
         acc = run.data.metrics.get("val/accuracy")
-        print(f"[quality] feature extractor of {manifest.name} (sha256 {sha[:12]}): reusing run {run.info.run_id}"
+        print(f"[quality] {role} of {manifest.name} (sha256 {sha[:12]}): reusing run {run.info.run_id}"
               + (f" (held-out accuracy {acc:.3f})" if acc is not None else ""), flush=True)
         return quality, run.info.run_id
-    return _train_and_log(tracker, data_path, manifest, key, recipe or {})
+    return _train_and_log(tracker, data_path, manifest, key, recipe or {}, role)
 
 
-def _train_and_log(tracker, data_path: str, manifest, key: str, recipe: dict[str, Any]):
+def sample_judge(tracker, data_path: str):
+    """(SampleQuality, run_id) of the judge of samples (`vae.quality.JUDGE_RECIPE`: a second classifier, trained on
+    the labels with blobs and shuffled pixels as "not a class", never used to select anything), cached in MLflow like
+    the extractor; (None, None) when the data set has no labels to judge by."""
+    manifest = read_manifest(data_path)
+    if not manifest.label_names:
+        return None, None
+    judge, run_id = feature_extractor(tracker, data_path, JUDGE_RECIPE, role="judge of samples")
+    return (judge, run_id) if judge.task == "labels" else (None, None)
+
+
+def _train_and_log(tracker, data_path: str, manifest, key: str, recipe: dict[str, Any], role: str):
     train = load_split(data_path, "train")
     labels = train["label"] if manifest.label_names and int(train["label"].min()) >= 0 else None
     task = "labels" if labels is not None else "rotations"
     tags = {"vaepipe.dataset": dataset_tag(data_path), "vaepipe.dataset_sha256": manifest.sha256,
             "vaepipe.extractor_key": key}
-    with service_run(tracker, EXPERIMENT, STAGE, tags, run_name=f"{manifest.name}-{manifest.sha256[:8]}") as run:
+    name = f"{manifest.name}-{manifest.sha256[:8]}-{role.split()[0]}"  # digits-1a2b3c4d-feature / -judge
+    with service_run(tracker, EXPERIMENT, STAGE, tags, run_name=name) as run:
         run_id = run.run_id
-        print(f"[quality] no feature extractor for {manifest.name} (sha256 {manifest.sha256[:12]}) yet: training one "
+        print(f"[quality] no {role} for {manifest.name} (sha256 {manifest.sha256[:12]}) yet: training one "
               f"on {len(train['image'])} train images ({task}), once; MLflow run {run_id} in vaepipe/{EXPERIMENT}",
               flush=True)
         epochs = {**_default_recipe(), **recipe}["epochs"]
@@ -156,8 +169,11 @@ def sample_quality_metrics(tracker, data_path: str, real: torch.Tensor, sample_f
     """Scores of `sample_fn(n, method)` (n = len(real) images in [0, 1]) for each method (None: the model's only
     one) against `real`: `fd_vaepipe`, precision, recall, mean_max_prob in the dataset's cached extractor, and, when
     `inception_weights` names a file or artifact, `inception_fid`, `inception_kid`, `inception_kid_std`; names carry
-    `_<method>`. Returns (metrics without a prefix, tags naming the feature extractor run)."""
+    `_<method>`. On labelled data the judge of samples adds judge_confidence, judge_recognised and
+    judge_class_entropy per method, and for `real` (`_real`: what real images score). Returns (metrics without a
+    prefix, tags naming the feature extractor's and the judge's runs)."""
     quality, extractor_run = feature_extractor(tracker, data_path)
+    judge, judge_run = sample_judge(tracker, data_path)
     inception = inception_scorer(tracker, inception_weights, where) if inception_weights else None
     n = len(real)
     f_real = inception_features(inception, real, f"{label}: Inception, {n} real images") if inception else None
@@ -167,6 +183,8 @@ def sample_quality_metrics(tracker, data_path: str, real: torch.Tensor, sample_f
         print(f"[{label}] sampling {n} images" + (f" by {method}" if method else ""), flush=True)
         fake = sample_fn(n, method)
         out.update({f"{key}{suffix}": float(value) for key, value in quality.score(real, fake).items()})
+        if judge is not None:
+            out.update({f"{key}{suffix}": value for key, value in judge.judge(fake).items()})
         if inception is not None:
             f_fake = inception_features(inception, fake, f"{label}: Inception, {n} samples{suffix.replace('_', ' ')}")
             scores = inception.score_features(f_real, f_fake)
@@ -174,4 +192,29 @@ def sample_quality_metrics(tracker, data_path: str, real: torch.Tensor, sample_f
                         f"inception_kid_std{suffix}": scores["kid_std"]})
     if inception is not None:
         out["inception_samples"] = float(n)
-    return out, {"vaepipe.feature_extractor_run": extractor_run}
+    tags = {"vaepipe.feature_extractor_run": extractor_run}
+    if judge is not None:
+        out.update({f"{key}_real": value for key, value in judge.judge(real).items()})  # the judge's ceiling
+        tags["vaepipe.judge_run"] = judge_run
+    return out, tags
+
+
+def judge_temperatures(tracker, data_path: str, model, n: int, temperatures=(0.7, 1.0), seed: int = 0,
+                       split: str = "val") -> tuple[dict[str, float], dict[str, str]]:
+    """The judge of samples on n samples of `model` at each temperature (`judge_<figure>_t<T>`) and on n real images
+    of `split` (`judge_<figure>_real`), seeded; ({}, {}) on unlabelled data. Prints one line."""
+    judge, run_id = sample_judge(tracker, data_path)
+    if judge is None or n <= 0:
+        return {}, {}
+    out: dict[str, float] = {}
+    for t in temperatures:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            fake = model.sample(n, temperature=t)
+        out.update({f"{key}_t{t:.1f}": value for key, value in judge.judge(fake.float().cpu()).items()})
+    real = load_split(data_path, split)["image"][:n]
+    out.update({f"{key}_real": value for key, value in judge.judge(real).items()})
+    print("[quality] judge of samples, recognised (p >= 0.9): " + ", ".join(
+        f"temperature {t:.1f} {out[f'judge_recognised_t{t:.1f}']:.2f}" for t in temperatures)
+        + f", real {split} images {out['judge_recognised_real']:.2f}", flush=True)
+    return out, {"vaepipe.judge_run": run_id}

@@ -26,7 +26,7 @@ from pipelines import checkpoints
 from pipelines.config import PipelineConfig
 from pipelines.data import ParquetImageReader, load_split, read_manifest
 from pipelines.errors import ConfigError
-from pipelines.ray_env import init_ray
+from pipelines.ray_env import init_ray, use_assigned_cpus
 from pipelines.registry import load_registered
 from pipelines.reporting import StageResult, png_bytes
 from pipelines.sample_quality import sample_quality_metrics
@@ -71,6 +71,7 @@ def train_group(vae, k: int, data_path: str, ncp_config: dict, binarize: str = "
     import os
 
     cfg = NCPConfig.from_dict(ncp_config)
+    use_assigned_cpus()  # groups share the cores; torch would take them all
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_group > 0 else "cpu")
     vae = vae.to(device)
     started = time.time()
@@ -268,6 +269,10 @@ def evaluate_ncp(cfg: PipelineConfig, run: OpenRun, model) -> dict[str, float]:
     print(f"[ncp] Fréchet distance in vaepipe's own features (not FID; lower is better), {len(real)} samples vs the "
           f"{split} split: " + ", ".join(f"{m} {metrics[f'{split}/fd_vaepipe_{m}']:.2f}"
                                          for m in ("base", "sir", "langevin")), flush=True)
+    if f"{split}/judge_recognised_base" in metrics:
+        print(f"[ncp] judge of samples, recognised (p >= 0.9), {len(real)} samples: " + ", ".join(
+            f"{m} {metrics[f'{split}/judge_recognised_{m}']:.2f}" for m in ("base", "sir", "langevin"))
+            + f", real {split} images {metrics[f'{split}/judge_recognised_real']:.2f}", flush=True)
     if f"{split}/inception_fid_sir" in metrics:
         print(f"[ncp] Inception FID ({len(real)} samples; published FIDs use 50k): " + ", ".join(
             f"{m} {metrics[f'{split}/inception_fid_{m}']:.2f}" for m in ("base", "sir", "langevin")), flush=True)

@@ -35,9 +35,10 @@ from pipelines.config import PipelineConfig
 from pipelines.data import ray_dataset, read_manifest, verify
 from pipelines.data.readers import InMemoryShard, image_transform, iter_torch_batches
 from pipelines.errors import ConfigError, TrainingError
-from pipelines.ray_env import init_ray, interruptible, loopback_torch_config, storage_path
+from pipelines.ray_env import init_ray, interruptible, loopback_torch_config, storage_path, use_assigned_cpus
 from pipelines.redaction import redact_mapping
 from pipelines.reporting import Progress, StageResult, png_bytes
+from pipelines.sample_quality import judge_temperatures
 from pipelines.tracking import MetricSink, Tracker, find_resumable, stage_run
 from pipelines.tracking.cards import describe_version
 
@@ -420,6 +421,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     plan = TrainPlan(**loop_config["plan"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_assigned_cpus()  # workers share the cores; torch would take them all
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed + 1009 * rank)
     state = setup(cfg, plan, device)
@@ -787,6 +789,13 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
     )
     final = {k: float(v) for k, v in (result.metrics or {}).items()
              if isinstance(v, (int, float)) and k.startswith("val/")}
+    judged, tags = judge_temperatures(tracker, cfg.data.path, model, cfg.train.judge_samples, seed=cfg.train.seed,
+                                      split="val" if read_manifest(cfg.data.path).splits.get("val") else "test")
+    if judged:
+        judged = {f"eval/{k}": v for k, v in judged.items()}
+        tracker.log_metrics(run_id, judged)
+        tracker.set_tags(run_id, tags)
+        final.update(judged)
     name = f"{cfg.name}-nvae"
     version = tracker.register_model(logged_uri, name, alias="candidate", tags={"vaepipe.run_id": run_id})
     describe_version(tracker, name, version, cfg, run_id)

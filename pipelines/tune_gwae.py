@@ -53,7 +53,7 @@ from pipelines import checkpoints
 from pipelines.config import PipelineConfig
 from pipelines.data import ensure_dataset, load_split
 from pipelines.errors import ConfigError, SearchError
-from pipelines.ray_env import init_ray, storage_path
+from pipelines.ray_env import init_ray, storage_path, use_assigned_cpus
 from pipelines.reporting import StageResult, png_bytes
 from pipelines.tracking import MetricSink, OpenRun, Tracker, experiment_name, find_resumable, stage_run
 from pipelines.tracking.cards import describe_version
@@ -242,7 +242,7 @@ def train_gwae(config: dict, *, plan: TunePlan, data: dict) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # its INFO line per checkpoint doubles the progress
     cfg = tune_spaces.apply(PipelineConfig.from_dict(plan.config), config)  # validated: a bad combination raises
     t = cfg.tune
-    torch.set_num_threads(max(1, int(t.cpus_per_trial)))  # trials share the cores; torch would take them all
+    use_assigned_cpus()  # trials share the cores; torch would take them all
     device = torch.device("cuda" if t.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     seed = trial_seed(t.seed, config, tune.get_context().get_trial_id(), plan.grid_keys, plan.grid_size)
     torch.manual_seed(seed)
@@ -459,6 +459,10 @@ def run_tune(
     # A checkpoint per epoch forces an experiment snapshot per epoch (what keeps --resume exact); Ray warns about
     # the snapshot rate each time, which is noise for short epochs.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if os.environ.get("VAEPIPE_VERBOSE") != "1":
+        # Tune's newer console engine prints an experiment table, a results path and a TensorBoard hint even at
+        # verbose=0; its legacy reporter at verbose=0 prints nothing. The stage prints its own line per trial epoch.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         find_resumable(tracker, cfg, STAGE, resume)  # a wrong --resume target fails before Ray starts
     init_ray(ray_address)
@@ -510,6 +514,10 @@ def _tune_config(t):
     from ray.tune.search.optuna import OptunaSearch
 
     if t.search == "optuna":
+        if os.environ.get("VAEPIPE_VERBOSE") != "1":
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" per run
         search = {"search_alg": OptunaSearch(seed=t.seed), "max_concurrent_trials": t.max_concurrent_trials}
     else:  # Tune applies max_concurrent_trials to Searchers only; the variant generator takes its own cap
         search = {"search_alg": BasicVariantGenerator(max_concurrent=t.max_concurrent_trials, random_state=t.seed)}

@@ -53,8 +53,18 @@ EXTRACTOR_VERSION = 2
 # The training recipe of `SampleQuality.fit` when the caller passes none; part of an extractor's identity.
 DEFAULT_RECIPE: dict[str, Any] = {
     "epochs": 15, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "width": 32, "feature_dim": 64,
-    "val_fraction": 0.1, "seed": 0,
+    "val_fraction": 0.1, "seed": 0, "negatives": "shuffle", "stretch": False,
 }
+# The judge of samples (`SampleQuality.judge`): another network, its own seed and width, trained on the labels with a
+# stricter "not one of the classes" class (pixel-shuffled images and blends of 2-6 training images of different
+# classes), on contrast-stretched images, half of its real images blurred, so that it judges shapes, not brightness
+# or sharpness. It never defines a score that selects or tunes anything, so it stays an independent witness of what
+# the samples look like.
+JUDGE_RECIPE: dict[str, Any] = {
+    "width": 16, "feature_dim": 32, "seed": 1, "epochs": 20, "negatives": "shuffle+blend", "stretch": True,
+}
+NEGATIVES = ("shuffle", "shuffle+blend")
+JUDGE_CONFIDENT = 0.9  # a sample is "recognised" when the judge puts at least this probability on one class
 
 
 class FeatureCNN(nn.Module):
@@ -62,15 +72,18 @@ class FeatureCNN(nn.Module):
     `features` is the penultimate layer (B, feature_dim).
 
     conv3×3-BN-ReLU at full size, then stride-2 stages (channels ×2, capped at 4·width) down to at most 4×4, a global
-    mean pool and a ReLU feature layer.
+    mean pool and a ReLU feature layer. With `stretch`, each image's values are first stretched to span [0, 1], so
+    that only its shape counts, not its brightness or contrast.
     """
 
     def __init__(
-        self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32, feature_dim: int = 64
+        self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32, feature_dim: int = 64,
+        stretch: bool = False,
     ) -> None:
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
+        self.stretch = bool(stretch)
         c, h, w = self.image_shape
         layers: list[nn.Module] = [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
         ch, side = width, min(h, w)
@@ -84,6 +97,9 @@ class FeatureCNN(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes + 1)
 
     def features(self, x: Tensor) -> Tensor:
+        if self.stretch:
+            low = x.amin(dim=(1, 2, 3), keepdim=True)
+            x = (x - low) / (x.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-3)
         return self.feature(self.body(2.0 * x - 1.0).mean(dim=(2, 3)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,6 +129,44 @@ def _rotate(x: Tensor, turns: Tensor) -> Tensor:
     return out
 
 
+def _blends(pool: Tensor, labels: Tensor | None, n: int, generator: torch.Generator) -> Tensor:
+    """n images, each the plain average of 2-6 images of `pool` of as many different classes (any images without
+    labels): the grey blob of the data's mean shape that a model ignoring its latents draws, which pixel-shuffling
+    alone never shows. Averages within one class stay out: a blurred 2 is still a 2."""
+    k = torch.randint(2, 7, (n, 1), generator=generator)
+    if labels is None:
+        picks = torch.randint(0, len(pool), (n, 6), generator=generator)
+    else:
+        order = labels.argsort()
+        counts = torch.bincount(labels)
+        starts = counts.cumsum(0) - counts
+        present = (counts > 0).nonzero().squeeze(1)
+        classes = present[torch.rand(n, len(present), generator=generator).argsort(dim=1)[:, :6]]
+        k = k.clamp(max=classes.shape[1])
+        within = (torch.rand(classes.shape, generator=generator) * counts[classes]).long()
+        picks = order[starts[classes] + within]
+    weights = (torch.arange(picks.shape[1])[None] < k).float() / k
+    return torch.einsum("nk,nkchw->nchw", weights.to(pool), pool[picks.to(pool.device)])
+
+
+def _blur_some(x: Tensor, generator: torch.Generator, max_sigma: float = 1.5) -> Tensor:
+    """Half of the images (at random) blurred by a Gaussian of σ uniform in [0.3, max_sigma] pixels, each its own."""
+    n = len(x)
+    sigma = 0.3 + (max_sigma - 0.3) * torch.rand(n, generator=generator)
+    keep = torch.rand(n, generator=generator) < 0.5
+    radius = int(math.ceil(3 * max_sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x)  # (n, K): one separable kernel per image
+    b, c, h, w = x.shape
+    flat = x.reshape(1, b * c, h, w)
+    k = kernel.repeat_interleave(c, dim=0)  # (n·c, K)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), k[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), k[:, None, :, None], groups=b * c)
+    blurred = flat.reshape(b, c, h, w)
+    return torch.where(keep.to(x.device)[:, None, None, None], x, blurred)
+
+
 def _shuffle_pixels(x: Tensor, generator: torch.Generator) -> Tensor:
     """Each image with its pixel positions permuted at random (colours stay whole): the "structureless" class."""
     b, c, h, w = x.shape
@@ -132,10 +186,14 @@ def train_feature_classifier(
     feature_dim: int = 64,
     val_fraction: float = 0.1,
     seed: int = 0,
+    negatives: str = "shuffle",
+    stretch: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[FeatureCNN, dict[str, Any]]:
     """Train a FeatureCNN on images (N, C, H, W) in [0, 1] (on their device) with class labels (N,), or, with
-    labels=None, on rotation prediction; every batch also holds its pixel-shuffled copies as the structureless class.
+    labels=None, on rotation prediction; every batch also holds its pixel-shuffled copies as the structureless class
+    (`negatives="shuffle"`), and with "shuffle+blend" as many averages of 2-6 training images of different classes
+    besides.
     AdamW with a cosine-decayed learning rate; seeded by `seed` without touching the global RNG.
 
     Returns the model (eval mode) and its history: per epoch "train_loss" and "val_accuracy" (data classes only) on a
@@ -152,6 +210,8 @@ def train_feature_classifier(
         )
     if epochs < 1 or batch_size < 2:
         raise ValueError(f"epochs={epochs} must be >= 1 and batch_size={batch_size} >= 2 (batch norm needs 2 rows)")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives={negatives!r} is not one of {', '.join(NEGATIVES)}")
     if labels is None:
         if images.shape[2] != images.shape[3]:
             raise ValueError(
@@ -173,10 +233,12 @@ def train_feature_classifier(
     order = torch.randperm(n, generator=generator)
     val_idx, train_idx = order[:n_val], order[n_val:]
     history: dict[str, Any] = {"epoch": [], "train_loss": [], "val_accuracy": []}
+    pool = images[train_idx] if negatives == "shuffle+blend" else None
+    pool_labels = labels[train_idx] if pool is not None and labels is not None else None
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = FeatureCNN(images.shape[1:], num_classes, width, feature_dim).to(device)
+        model = FeatureCNN(images.shape[1:], num_classes, width, feature_dim, stretch).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         total_steps = epochs * math.ceil(len(train_idx) / batch_size)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
@@ -193,8 +255,12 @@ def train_feature_classifier(
                     x = _rotate(x, y.to(device))
                 else:
                     y = labels[idx]
-                x = torch.cat([x, _shuffle_pixels(x, generator)])
-                y = torch.cat([y, torch.full_like(y, num_classes)]).to(device)
+                fakes = [_shuffle_pixels(x, generator)]
+                if negatives == "shuffle+blend":
+                    fakes.append(_blends(pool, pool_labels, len(idx), generator))
+                    x = _blur_some(x, generator)  # blur alone never makes a non-digit: only the blends' overlaps do
+                x = torch.cat([x, *fakes])
+                y = torch.cat([y, *[torch.full_like(y, num_classes)] * len(fakes)]).to(device)
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -268,7 +334,7 @@ class SampleQuality(nn.Module):
         return {
             "version": EXTRACTOR_VERSION, "task": self.task, "image_shape": list(clf.image_shape),
             "num_classes": clf.num_classes, "width": clf.body[0].out_channels,
-            "feature_dim": clf.feature[0].out_features, "recipe": dict(self.recipe), "history": dict(self.history),
+            "feature_dim": clf.feature[0].out_features, "stretch": clf.stretch, "recipe": dict(self.recipe), "history": dict(self.history),
             "state_dict": {k: v.detach().cpu() for k, v in clf.state_dict().items()},
         }
 
@@ -280,7 +346,8 @@ class SampleQuality(nn.Module):
                 f"SampleQuality.from_state: the saved extractor is version {state.get('version')}, this code builds "
                 f"version {EXTRACTOR_VERSION} (a different feature space); train a new one with SampleQuality.fit"
             )
-        clf = FeatureCNN(tuple(state["image_shape"]), state["num_classes"], state["width"], state["feature_dim"])
+        clf = FeatureCNN(tuple(state["image_shape"]), state["num_classes"], state["width"], state["feature_dim"],
+                         bool(state.get("stretch", False)))
         clf.load_state_dict(state["state_dict"])
         quality = cls(clf, state["task"])
         quality.history, quality.recipe = dict(state.get("history", {})), dict(state.get("recipe", {}))
@@ -327,6 +394,30 @@ class SampleQuality(nn.Module):
             "precision": precision,
             "recall": recall,
             "mean_max_prob": p_fake[:, :-1].max(dim=1).values.mean().item(),
+        }
+
+    def judge(self, fake: Tensor) -> dict[str, float]:
+        """What a classifier trained on the labelled data says of images (N, C, H, W) in [0, 1]:
+        - "judge_confidence": the mean over images of the top class probability (mass on "not a class" counts
+          against it);
+        - "judge_recognised": the share of images whose top class probability is at least JUDGE_CONFIDENT (0.9);
+        - "judge_class_entropy": the entropy of the recognised images' classes over log(number of classes): 1 when
+          every class is drawn equally often, 0 when all are one class (samples with no variety), NaN when none is
+          recognised.
+        Meant for a SampleQuality fitted with JUDGE_RECIPE on labels; score real images the same way for the ceiling.
+        """
+        if self.task != "labels":
+            raise ValueError("SampleQuality.judge needs a classifier of labels; this one predicts rotations (the data "
+                             "had no labels), so its confidence says nothing about classes")
+        top = self.probabilities(fake)[:, :-1].max(dim=1)
+        recognised = top.values >= JUDGE_CONFIDENT
+        counts = torch.bincount(top.indices[recognised], minlength=self.classifier.num_classes).float()
+        share = counts / counts.sum().clamp_min(1.0)
+        entropy = -(share * share.clamp_min(1e-12).log()).sum() / math.log(self.classifier.num_classes)
+        return {
+            "judge_confidence": top.values.mean().item(),
+            "judge_recognised": recognised.float().mean().item(),
+            "judge_class_entropy": entropy.item() if recognised.any() else math.nan,
         }
 
 

@@ -705,7 +705,7 @@ def test_binarised_mnist_recipe_trains_and_evaluates_against_its_published_figur
     t = mlflow_store
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "crvae-mnist.yaml", [
         f"data.path={mnist_like}", "nvae.preset=tiny", "train.epochs=1", "train.batch_size=40", "train.num_workers=1",
-        "train.use_gpu=false", "train.cpus_per_worker=1", "train.val_iw_examples=8", "train.val_iw_samples=2", "train.log_every_steps=1",
+        "train.use_gpu=false", "train.cpus_per_worker=1", "train.val_iw_examples=8", "train.judge_samples=0", "train.val_iw_samples=2", "train.log_every_steps=1",
         f"train.storage_path={tmp_path / 'ray'}", f"tracking.workdir={t.workdir}",
         f"tracking.tracking_uri={t.tracking_uri}", f"tracking.artifact_location={t.artifact_location}"])
     assert (cfg.data.binarize, cfg.nvae.decoder, cfg.nvae.crop, cfg.train.worker_batch_size) == (

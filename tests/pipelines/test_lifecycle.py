@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _overrides(digits16: str, store, tmp_path: Path, **train) -> list[str]:
     out = [f"data.path={digits16}", f"tracking.workdir={store.workdir}", f"tracking.tracking_uri={store.tracking_uri}",
            f"tracking.artifact_location={store.artifact_location}", f"train.storage_path={tmp_path / 'ray'}",
-           "train.log_every_steps=5", "train.checkpoint_every_steps=10", "train.val_iw_examples=16"]
+           "train.log_every_steps=5", "train.checkpoint_every_steps=10", "train.val_iw_examples=16", "train.judge_samples=0"]
     return out + [f"train.{k}={v}" for k, v in train.items()]
 
 
@@ -86,11 +86,15 @@ def test_ctrl_c_then_sigkill_then_resume(ray_local, digits16, mlflow_store, tmp_
     second.wait(timeout=60)
     assert {s: r.info.status for s, r in _runs(mlflow_store).items()} == {"train": "RUNNING", "pipeline": "RUNNING"}
 
-    # The next command of that config closes them (driver gone), and --resume finishes the same run.
-    cfg = load_config(REPO / "configs" / "demo.yaml",
-                      _overrides(digits16, mlflow_store, tmp_path, epochs=2, batch_size=64, num_workers=1))
-    result = run_train(cfg, resume=True)
-    assert result.run_id == train_id
+    # The next command of that config closes them (driver gone), and --resume finishes the same run, on a console
+    # a person can read: vaepipe's own lines, and few of Ray's and MLflow's.
+    third = _driver(args + ["--resume"], tmp_path, "third")
+    assert third.wait(timeout=300) == 0, (tmp_path / "third.log").read_text()[-3000:]
+    console = (tmp_path / "third.log").read_text()
+    assert f"resuming run {train_id}" in console
+    lines = console.splitlines()
+    foreign = [line for line in lines if "[train]" not in line and "[quality]" not in line]
+    assert len(lines) <= 45 and len(foreign) <= 15, console  # seen: 35 lines, 11 not vaepipe's
     runs = _runs(mlflow_store)
     assert {s: r.info.status for s, r in runs.items()} == {"train": "FINISHED", "pipeline": "FINISHED"}
     client = mlflow.MlflowClient(mlflow_store.tracking_uri)

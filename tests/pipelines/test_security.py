@@ -114,7 +114,7 @@ def test_a_train_run_exposes_no_port_and_writes_no_credential(digits16, mlflow_s
            "--set", f"data.path={digits16}", "--set", f"tracking.workdir={workdir}",
            "--set", f"data.cache_dir=s3://AKIAEXAMPLE:{value_secret}@bucket/cache",
            "--set", "train.epochs=1", "--set", "train.max_steps=12", "--set", "train.checkpoint_every_steps=6",
-           "--set", "train.log_every_steps=3", "--set", "train.val_iw_examples=16", "--set", "name=sec"]
+           "--set", "train.log_every_steps=3", "--set", "train.val_iw_examples=16", "--set", "train.judge_samples=0", "--set", "name=sec"]
     seen: dict[tuple[str, int, str], None] = {}
     log = tmp_path / "console.txt"
     with open(log, "wb") as out:

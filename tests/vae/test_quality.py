@@ -13,6 +13,7 @@ from torchvision.transforms.functional import gaussian_blur
 from vae.quality import (
     EXTRACTOR_VERSION,
     INCEPTION_WEIGHTS_FILE,
+    JUDGE_RECIPE,
     FeatureCNN,
     InceptionScores,
     SampleQuality,
@@ -102,6 +103,34 @@ def test_mean_max_prob_higher_for_real_than_noise(labelled, sets):
     real = labelled.score(sets["real"], sets["other"])["mean_max_prob"]
     noise = labelled.score(sets["real"], sets["noise"])["mean_max_prob"]
     assert real > 0.75 and noise < real - 0.5
+
+
+def test_the_judge_recognises_digits_and_refuses_blobs_noise_and_one_class(digits, sets):
+    """The judge of samples: real held-out digits are recognised (p >= 0.9) and spread over the ten classes; the
+    average of four held-out digits (a grey blob of the data's mean shape, what a model that ignores its latents
+    draws: not the judge's own training blends) and uniform noise are not; one class only has no variety."""
+    (x, y), _ = digits
+    judge = SampleQuality.fit(x, y, **JUDGE_RECIPE)
+    print({k: judge.judge(v) for k, v in sets.items()})
+    real = judge.judge(sets["other"])
+    g = torch.Generator().manual_seed(5)
+    blobs = sets["other"][torch.randint(0, len(sets["other"]), (200, 4), generator=g)].mean(dim=1)
+    blob, noise, zeros = judge.judge(blobs), judge.judge(sets["noise"]), judge.judge(sets["zeros"])
+    assert real["judge_recognised"] > 0.7 and real["judge_confidence"] > 0.85, real  # 0.80 and 0.92 seen
+    assert real["judge_class_entropy"] > 0.95, real
+    assert blob["judge_recognised"] < 0.15 and blob["judge_confidence"] < real["judge_confidence"] - 0.4, blob
+    assert noise["judge_recognised"] < 0.05, noise
+    assert judge.judge(sets["blur"])["judge_recognised"] > 0.5  # a blurred digit is still that digit
+    assert zeros["judge_recognised"] > 0.8 and zeros["judge_class_entropy"] < 0.1, zeros
+    # A blurred digit is still that digit: averages of three 0s, dimmed to half their brightness, are recognised.
+    dim_zeros = 0.5 * sets["zeros"][torch.randint(0, len(sets["zeros"]), (100, 3), generator=g)].mean(dim=1)
+    assert judge.judge(dim_zeros)["judge_recognised"] > 0.6
+    # The feature extractor (pixel-shuffled negatives only) is fooled by the blobs; the judge is not.
+    fooled = SampleQuality.fit(x, y, **{**JUDGE_RECIPE, "negatives": "shuffle"}).judge(blobs)
+    assert fooled["judge_recognised"] > blob["judge_recognised"] + 0.2, (fooled, blob)
+    rotations = SampleQuality.fit(x[:200], None, width=8, epochs=1, seed=3)
+    with pytest.raises(ValueError, match="rotations"):
+        rotations.judge(sets["other"])
 
 
 def test_rotation_fallback_without_labels(digits, sets):
