@@ -49,6 +49,9 @@ class DataConfig(Config):
     binarize: Literal["none", "dynamic"] = "none"
     # Random horizontal flips of training images (CIFAR-10, CelebA); never applied to validation or test images.
     hflip: bool = False
+    # Random translations of training images by up to this many pixels each way (zero-filled), drawn afresh each
+    # epoch; never applied to validation or test images. The demo's 1,437 digits need it (see configs/demo.yaml).
+    shift: int = dataclasses.field(default=0, metadata=non_negative())
 
     def validate(self) -> None:
         if self.image_size is not None and self.image_size < 4:
@@ -302,11 +305,11 @@ class PipelineConfig(Config):
                 f"digits (28 padded to 32); set nvae.crop=2 so the likelihood covers the 784 digit pixels"
             )
         t = self.tune.data
-        if t.binarize != "none" or t.hflip:
-            key = "binarize" if t.binarize != "none" else "hflip"
+        if t.binarize != "none" or t.hflip or t.shift:
+            key = "binarize" if t.binarize != "none" else "hflip" if t.hflip else "shift"
             raise ConfigError(
                 f"tune.data.{key}: {getattr(t, key)!r} is not applied by the tune stage (GWAE trains on the stored "
-                f"images); remove it or set it to {'none' if key == 'binarize' else 'false'}"
+                f"images); remove it or set it to {dict(binarize='none', hflip='false', shift='0')[key]}"
             )
 
     @classmethod

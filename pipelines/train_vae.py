@@ -380,9 +380,10 @@ def _heartbeat(plan: TrainPlan, rank: int, step: int) -> None:
 
 def _batches(shard, cfg: PipelineConfig, seed: int, train: bool = True):
     shuffle = train and cfg.train.shuffle_buffer > 0
-    # The data protocol acts as images are drawn: training binarises (and flips) afresh with each epoch's seed;
-    # validation binarises with a fixed seed and never flips, so its figures repeat.
-    transform = image_transform(cfg.data.binarize, cfg.data.hflip and train, (seed, int(train)))
+    # The data protocol acts as images are drawn: training binarises (and flips, and shifts) afresh with each epoch's
+    # seed; validation binarises with a fixed seed and never flips or shifts, so its figures repeat.
+    transform = image_transform(cfg.data.binarize, cfg.data.hflip and train, (seed, int(train)),
+                                shift=cfg.data.shift if train else 0)
     if isinstance(shard, InMemoryShard):
         yield from shard.batches(cfg.train.worker_batch_size, shuffle_seed=seed if shuffle else None,
                                  drop_last=train, transform=transform)

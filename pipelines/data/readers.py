@@ -77,8 +77,22 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image (B, C, H, W) translated by its own (dy, dx), each uniform in [-pixels, pixels], zero-filled."""
+    b, _, h, w = images.shape
+    offsets = torch.randint(-pixels, pixels + 1, (2, b), generator=generator)
+    padded = torch.nn.functional.pad(images, (pixels,) * 4)
+    out = torch.empty_like(images)
+    for dy in range(-pixels, pixels + 1):
+        for dx in range(-pixels, pixels + 1):
+            rows = ((offsets[0] == dy) & (offsets[1] == dx)).nonzero().squeeze(1).to(images.device)
+            if len(rows):
+                out[rows] = padded[rows, :, pixels - dy:pixels - dy + h, pixels - dx:pixels - dx + w]
+    return out
+
+
 def image_transform(
-    binarize: str = "none", hflip: bool = False, seed: int | Sequence[int] = 0
+    binarize: str = "none", hflip: bool = False, seed: int | Sequence[int] = 0, shift: int = 0
 ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """The protocol's per-draw step for a stream of (B, C, H, W) image batches, or None when it does nothing.
 
@@ -87,13 +101,17 @@ def image_transform(
     """
     if binarize not in BINARIZE_MODES:
         raise ValueError(f"binarize={binarize!r}; choose one of {', '.join(BINARIZE_MODES)}")
-    if binarize == "none" and not hflip:
+    if shift < 0:
+        raise ValueError(f"shift={shift} must be >= 0 (pixels of random translation)")
+    if binarize == "none" and not hflip and not shift:
         return None
     generator = protocol_generator(seed)
 
     def transform(images: torch.Tensor) -> torch.Tensor:
         if hflip:
             images = random_hflip(images, generator)
+        if shift:
+            images = random_shift(images, shift, generator)
         if binarize == "dynamic":
             images = binarize_images(images, generator)
         return images

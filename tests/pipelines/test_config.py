@@ -260,6 +260,10 @@ def test_padded_mnist_must_be_scored_on_the_digits():
 def test_tune_data_refuses_protocol_switches_it_does_not_apply():
     with pytest.raises(ConfigError, match=r"tune.data.hflip: True is not applied by the tune stage"):
         load_config(DEMO, ["tune.data.hflip=true"])
+    with pytest.raises(ConfigError, match=r"tune.data.shift: 2 is not applied .* set it to 0"):
+        load_config(DEMO, ["tune.data.shift=2"])
+    with pytest.raises(ConfigError, match=r"data.shift: -1 is out of range"):
+        load_config(DEMO, ["data.shift=-1"])
 
 
 def test_switches_for_departures_from_the_paper():

@@ -601,6 +601,25 @@ def test_flips_mirror_about_half_of_the_training_images(mnist_like):
     assert torch.equal(next(iter(ParquetImageReader(mnist_like, "train", batch_size=160)))["image"], plain)
 
 
+def test_shifts_translate_each_image_by_at_most_the_given_pixels():
+    """A single bright pixel moves by its image's own (dy, dx) in [-2, 2]², every offset turns up, and a pixel
+    shifted out of the frame leaves zeros (no wrap-around)."""
+    from pipelines.data.readers import image_transform
+
+    x = torch.zeros(400, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0
+    x[:2, 0, 4, 4], x[:2, 0, 0, 0] = 0.0, 1.0  # two images with their pixel in a corner
+    moved = image_transform(shift=2, seed=3)(x)
+    where = [tuple(p.tolist()) for p in moved[2:, 0].flatten(1).argmax(1).unsqueeze(1)]
+    offsets = {(i // 9 - 4, i % 9 - 4) for (i,) in where}
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # 25 offsets among 398 draws
+    assert torch.allclose(moved[2:].flatten(1).sum(1), torch.ones(398))  # nothing lost inside the frame
+    assert set(moved[:2].flatten(1).sum(1).tolist()) <= {0.0, 1.0}  # a corner pixel may leave the frame
+    assert torch.equal(image_transform(shift=2, seed=3)(x), moved) and image_transform(shift=0) is None
+    with pytest.raises(ValueError, match="shift=-1"):
+        image_transform(shift=-1)
+
+
 def test_in_memory_shards_partition_the_split_and_shuffle_by_seed(shapes_ds):
     out, _, src = shapes_ds
     want = torch.from_numpy(src.splits["train"].images).float() / 255
@@ -622,12 +641,12 @@ def test_in_memory_shards_partition_the_split_and_shuffle_by_seed(shapes_ds):
 
 def test_the_train_stage_in_memory_stream_applies_the_protocol(mnist_like):
     """The train stage's batches from a worker's in-memory share: binarised afresh each epoch, validation binarised
-    the same way every time and never flipped, whole worker batches only when training."""
+    the same way every time and never flipped or shifted, whole worker batches only when training."""
     from pipelines.config import load_config
     from pipelines.train_vae import _batches
 
     cfg = load_config(None, [f"data.path={mnist_like}", "data.source=mnist", "data.binarize=dynamic",
-                             "data.hflip=true", "nvae.preset=mnist", "nvae.decoder=bernoulli",
+                             "data.hflip=true", "data.shift=2", "nvae.preset=mnist", "nvae.decoder=bernoulli",
                              "train.batch_size=64", "train.num_workers=2"])
     train = InMemoryShard(mnist_like, "train", 1, 2)
     epoch0, epoch1 = (list(_batches(train, cfg, seed=s, train=True)) for s in (10, 11))
@@ -637,7 +656,8 @@ def test_the_train_stage_in_memory_stream_applies_the_protocol(mnist_like):
     val = InMemoryShard(mnist_like, "val", 0, 2)
     v1, v2 = (torch.cat(list(_batches(val, cfg, seed=0, train=False))) for _ in range(2))
     assert torch.equal(v1, v2) and len(v1) == 20
-    assert not v1[:, :, :, :2].any() and not v1[:, :, :, 30:].any()  # unflipped: the padded border stays 0
+    assert not v1[:, :, :, :2].any() and not v1[:, :, :, 30:].any()  # unflipped, unshifted: the border stays 0
+    assert any(b[:, :, :, :2].any() or b[:, :, :, 30:].any() for b in epoch0)  # training shifts digits into it
 
 
 @pytest.mark.slow
@@ -648,7 +668,7 @@ def test_the_train_stage_stream_applies_the_protocol(mnist_like, ray_local):
     from pipelines.train_vae import _batches
 
     cfg = load_config(None, [f"data.path={mnist_like}", "data.source=mnist", "data.binarize=dynamic",
-                             "data.hflip=true", "nvae.preset=mnist", "nvae.decoder=bernoulli",
+                             "data.hflip=true", "data.shift=2", "nvae.preset=mnist", "nvae.decoder=bernoulli",
                              "train.batch_size=64", "train.num_workers=2", "train.shuffle_buffer=0"])
     assert cfg.train.worker_batch_size == 32
     ds = ray_dataset(mnist_like, "train")
