@@ -193,7 +193,7 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
     print(f"vaepipe demo: {config_path} (name={cfg.name}, stages={', '.join(cfg.stages)})", flush=True)
     datasets = [cfg.data] + ([cfg.tune.data] if cfg.tune.data.path != cfg.data.path else [])
     for data in datasets:
-        ensure_dataset(data)
+        ensure_dataset(data, progress=False)  # small and quick; the pipeline's [data] line says what it holds
     tracker = Tracker.connect(cfg.tracking)
     parent, results, timings = run_pipeline(cfg, tracker=tracker)
     uri = resolve_tracking_uri(cfg.tracking)

@@ -60,6 +60,15 @@ def quiet_local_workers() -> None:
     lines that are noise on a one-machine Ray without a dashboard, unless `vaepipe --verbose`."""
     import logging
 
+    import ray
+
+    # Ray's state API finds "the" cluster by looking for running ones when no address is given; with a second Ray on
+    # the machine (another vaepipe run, a test's) the cleaner's thread died with "Found multiple active Ray
+    # instances" and a 27-line traceback. The workers of this Ray name their own.
+    try:
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # not connected (never in a worker): nothing to name
+        pass
     if os.environ.get("VAEPIPE_VERBOSE") != "1":
         for name, level in _LOCAL_LOG_LEVELS.items():
             logging.getLogger(name).setLevel(level)

@@ -95,7 +95,7 @@ def _train_and_log(tracker, data_path: str, manifest, key: str, recipe: dict[str
               f"on {len(train['image'])} train images ({task}), once; MLflow run {run_id} in vaepipe/{EXPERIMENT}",
               flush=True)
         epochs = {**_default_recipe(), **recipe}["epochs"]
-        ticker = Ticker("quality", epochs, "epochs", every_s=0.0)
+        ticker = Ticker("quality", epochs, "epochs", every_s=5.0)
 
         def progress(info: dict[str, Any]) -> None:
             ticker(info["epoch"], f"loss {info['train_loss']:.3f}  held-out accuracy {info['val_accuracy']:.3f}")
@@ -203,8 +203,10 @@ def judge_temperatures(tracker, data_path: str, model, n: int, temperatures=(0.7
                        split: str = "val") -> tuple[dict[str, float], dict[str, str]]:
     """The judge of samples on n samples of `model` at each temperature (`judge_<figure>_t<T>`) and on n real images
     of `split` (`judge_<figure>_real`), seeded; ({}, {}) on unlabelled data. Prints one line."""
+    if n <= 0:
+        return {}, {}
     judge, run_id = sample_judge(tracker, data_path)
-    if judge is None or n <= 0:
+    if judge is None:
         return {}, {}
     out: dict[str, float] = {}
     for t in temperatures:

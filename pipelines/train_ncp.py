@@ -76,7 +76,12 @@ def train_group(vae, k: int, data_path: str, ncp_config: dict, binarize: str = "
     vae = vae.to(device)
     started = time.time()
 
+    shown_at = [0]
+
     def progress(step: int, metrics: dict[str, float]) -> None:
+        if step < shown_at[0] + cfg.steps / 3 and step < cfg.steps:
+            return  # about three lines per group: the driver adds one when the group is done
+        shown_at[0] = step
         shown = "  ".join(f"{name.split('/')[1]} {v:.3f}" for name, v in metrics.items() if name.startswith("val/"))
         print(f"[ncp] group {k:02d}  step {step}/{cfg.steps}  {shown}", flush=True)
 

@@ -479,7 +479,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             images_seen += sum(len(b) for b in xs) * world
             end_of_epoch = batches_done == steps_this_epoch
             stopping = state.step >= stop_at
-            want_ckpt = state.step % cfg.train.checkpoint_every_steps == 0 or stopping or end_of_epoch
+            validating = stopping or (end_of_epoch and (state.epoch + 1) % cfg.train.val_every_epochs == 0)
+            # A checkpoint on the step cadence, at the end, and with each validation (a short epoch of small data
+            # would otherwise write one every few steps).
+            want_ckpt = state.step % cfg.train.checkpoint_every_steps == 0 or validating
             if state.step % cfg.train.log_every_steps == 0 or want_ckpt:
                 now = time.perf_counter()
                 metrics = step_metrics(stats)
@@ -493,7 +496,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics["train/resumed_from_step"], resumed_from = resumed_from, None
                 images_seen, t_last = 0, now
                 pictures = None
-                if stopping or (end_of_epoch and (state.epoch + 1) % cfg.train.val_every_epochs == 0):
+                if validating:
                     # Evaluation draws its own random numbers without moving the training stream, so a run resumed
                     # from any checkpoint continues exactly as an uninterrupted one.
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -794,7 +797,7 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
                                       split="val" if read_manifest(cfg.data.path).splits.get("val") else "test")
     if judged:
         judged = {f"eval/{k}": v for k, v in judged.items()}
-        tracker.log_metrics(run_id, judged)
+        tracker.log_metrics(run_id, judged, step=int((result.metrics or {}).get("step", 0)))
         tracker.set_tags(run_id, tags)
         final.update(judged)
     name = f"{cfg.name}-nvae"

@@ -16,6 +16,7 @@ Ctrl-C exits with 130 after saying how to resume.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -48,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         # MLflow draws a progress bar for every artifact copy (22 lines per registered model); a user's own setting wins.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # Ray folds alike lines of different workers into "[repeated 3x across cluster]", which hides which NCP
+        # group said what and flushes a stray line after the run has ended.
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        # A new sqlite store's creation and migration lines ("Creating initial MLflow database tables...").
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -13,7 +13,9 @@ the life of a run (open, resume, close, lineage) is `pipelines.tracking.runs`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
@@ -112,6 +114,19 @@ def _image_to_uint8_hwc(image: Any) -> Any:
     return (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+
+
+class _PickleNotice(logging.Filter):
+    """Drops mlflow.pytorch's warning that pickled models run code when loaded: vaepipe pickles on purpose (MLflow's
+    torch.export format loses the models' methods) and the README's Security section says what that means; the
+    warning came once per logged model. `vaepipe --verbose` keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return os.environ.get("VAEPIPE_VERBOSE") == "1" or not str(record.msg).startswith(
+            "Saving pytorch model by Pickle")
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_PickleNotice())
 
 class Tracker:
     """Explicit-run-id access to one MLflow tracking store and model registry.
@@ -368,9 +383,14 @@ class Tracker:
     ) -> str:
         """Register `model_uri` as a new version of `name` (created if missing), wait for READY, set `alias`."""
         self.activate()  # mlflow resolves runs:/ and models:/ URIs through the process-wide URIs
-        mv = retry_locked(lambda: mlflow.register_model(
-            model_uri, name, await_registration_for=await_s, tags={k: str(v) for k, v in (tags or {}).items()}
-        ))
+        # mlflow.register_model prints "Successfully registered model ..." and "Created version ..." on stderr;
+        # the stages print their own line with the alias, so those two go unless `vaepipe --verbose`.
+        quiet = contextlib.nullcontext() if os.environ.get("VAEPIPE_VERBOSE") == "1" else \
+            contextlib.redirect_stderr(io.StringIO())
+        with quiet:
+            mv = retry_locked(lambda: mlflow.register_model(
+                model_uri, name, await_registration_for=await_s, tags={k: str(v) for k, v in (tags or {}).items()}
+            ))
         version = str(mv.version)
         self._tag_version_digest(model_uri, name, version)
         status = retry_locked(lambda: self.client.get_model_version(name, version)).status

@@ -106,8 +106,8 @@ def test_pipeline_as_a_ray_job_uses_every_node(loopback_cluster, cluster_driver,
         "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=2", "tune.epochs=2",
         "tune.steps_per_epoch=5", "tune.eval_examples=100", "tune.search=random",
     ]
-    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)  # fails here, not in the job, if a key is wrong
-    argv = ["submit", str(REPO / "configs" / "demo.yaml"), "--address", loopback_cluster.dashboard, "--no-pip"]
+    cfg = load_config(REPO / "tests" / "base.yaml", overrides)  # fails here, not in the job, if a key is wrong
+    argv = ["submit", str(REPO / "tests" / "base.yaml"), "--address", loopback_cluster.dashboard, "--no-pip"]
     for o in overrides:
         argv += ["--set", o]
     t0 = time.monotonic()
@@ -205,7 +205,7 @@ def test_elastic_training_grows_with_a_joining_node_and_shrinks_when_it_is_lost(
     from pipelines.train_vae import run_train
 
     work = tmp_path / "work"
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
+    cfg = load_config(REPO / "tests" / "base.yaml", [
         "name=elastictest", f"data.path={digits16}", f"tracking.workdir={work}",
         f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", f"train.storage_path={tmp_path / 'ray'}",
         "train.epochs=4", "train.num_workers=[1,2]", "train.cpus_per_worker=2", "train.batch_size=64",

@@ -201,7 +201,9 @@ def test_ncp_recipes_build_on_their_nvae_recipe(dataset):
 
 def test_demo_keeps_its_effective_batch():
     cfg = load_config(DEMO)
-    assert (cfg.train.batch_size, cfg.train.num_workers, cfg.train.worker_batch_size) == (128, 2, 64)
+    assert (cfg.train.batch_size, cfg.train.num_workers, cfg.train.worker_batch_size) == (64, 2, 32)
+    tests = load_config(REPO / "tests" / "base.yaml")  # the tests' base: the demo with short-run train settings
+    assert tests.nvae == cfg.nvae and tests.data == cfg.data and tests.train.batch_size == 128
 
 
 # ------------------------------------------------------------------------------------------- global batch
@@ -226,8 +228,8 @@ def test_plan_uses_the_worker_batch():
     from pipelines.train_vae import plan_steps
 
     cfg = load_config(DEMO)
-    # 1437 digits over 2 workers: 718 rows each, 11 whole batches of 64 (the global 128 per step).
-    assert plan_steps(1437, 2, cfg.train.worker_batch_size, 3) == (11, 33)
+    # 1437 digits over 2 workers: 718 rows each, 22 whole batches of 32 (the global 64 per step).
+    assert plan_steps(1437, 2, cfg.train.worker_batch_size, 3) == (22, 66)
     with pytest.raises(ConfigError, match=r"global batch of 256 \(128 per worker × 2 workers\)"):
         plan_steps(200, 2, 128, 1)
 

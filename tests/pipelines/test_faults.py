@@ -178,7 +178,7 @@ def _tiny_state(lr: float):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"train.lr={lr}", "train.num_workers=1", "train.batch_size=32",
+    cfg = load_config(REPO / "tests" / "base.yaml", [f"train.lr={lr}", "train.num_workers=1", "train.batch_size=32",
                                                       "train.max_skipped_steps=3", "train.val_iw_examples=8"])
     x = torch.tensor(load_digits().images[:32] / 16.0, dtype=torch.float32)[:, None]
     x = F.interpolate(x, size=16, mode="bilinear").clamp(0, 1)
@@ -215,7 +215,7 @@ def test_train_with_an_absurd_learning_rate_ends_with_the_designed_message(ray_l
     from pipelines.config import load_config
     from pipelines.train_vae import TrainingError, run_train
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
+    cfg = load_config(REPO / "tests" / "base.yaml", [
         f"data.path={digits16}", f"tracking.workdir={mlflow_store.workdir}",
         f"tracking.tracking_uri={mlflow_store.tracking_uri}",
         f"tracking.artifact_location={mlflow_store.artifact_location}", f"train.storage_path={tmp_path / 'ray'}",
@@ -254,7 +254,7 @@ def test_lost_workers_past_max_failures_say_how_to_resume(ray_local, digits16, m
     from pipelines.config import load_config
     from pipelines.train_vae import TrainingError, run_train
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
+    cfg = load_config(REPO / "tests" / "base.yaml", [
         f"data.path={digits16}", f"tracking.workdir={mlflow_store.workdir}",
         f"tracking.tracking_uri={mlflow_store.tracking_uri}",
         f"tracking.artifact_location={mlflow_store.artifact_location}", f"train.storage_path={tmp_path / 'ray'}",

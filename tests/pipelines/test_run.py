@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def small_pipeline(digits16: str, shapes: str, tracking_uri: str, tmp_path: Path, *extra: str):
-    return load_config(REPO / "configs" / "demo.yaml", [
+    return load_config(REPO / "tests" / "base.yaml", [
         "name=piptest", f"data.path={digits16}", f"tune.data.path={shapes}", "tune.data.image_size=16",
         "tune.data.rgb=false", "tune.data.num_examples=1200", "gwae.image_shape=[1,16,16]",
         f"tracking.workdir={tmp_path / 'work'}", f"tracking.tracking_uri={tracking_uri}",
@@ -87,7 +87,7 @@ def test_promote_refuses_a_worse_version(mlflow_store, tmp_path):
     from pipelines.tracking import Tracker, pipeline_run, stage_run
 
     tracker = Tracker.connect(mlflow_store)
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["name=promo"])
+    cfg = load_config(REPO / "tests" / "base.yaml", ["name=promo"])
     versions = []
     with pipeline_run(tracker, cfg) as parent:
         for bpd in (1.0, 2.0):

@@ -203,7 +203,7 @@ def test_train_with_data_checkpoints_and_artifacts_on_s3(s3, mlflow_on_s3, ray_w
                 "train.val_iw_examples=0", "train.epochs=1", "train.batch_size=64", "train.num_workers=1",
                 "train.in_memory_max_mb=0",  # streamed by Ray Data, as a dataset too large for memory would be
                 "train.checkpoint_every_steps=10", "train.use_ema=false"]
-        return load_config(REPO / "configs" / "demo.yaml", over + [f"train.{k}={v}" for k, v in train.items()])
+        return load_config(REPO / "tests" / "base.yaml", over + [f"train.{k}={v}" for k, v in train.items()])
 
     prepare_dataset(cfg().data, progress=False)
     first = run_train(cfg(max_steps=15))  # cut short after a checkpoint at step 10 and one at the stop

@@ -110,7 +110,7 @@ def test_a_train_run_exposes_no_port_and_writes_no_credential(digits16, mlflow_s
                HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                RAY_memory_monitor_refresh_ms="0")  # a shared CI box's memory pressure is not this test's subject
     workdir = tmp_path / "work"
-    cmd = [str(VAEPIPE), "train", str(REPO / "configs" / "demo.yaml"),
+    cmd = [str(VAEPIPE), "train", str(REPO / "tests" / "base.yaml"),
            "--set", f"data.path={digits16}", "--set", f"tracking.workdir={workdir}",
            "--set", f"data.cache_dir=s3://AKIAEXAMPLE:{value_secret}@bucket/cache",
            "--set", "train.epochs=1", "--set", "train.max_steps=12", "--set", "train.checkpoint_every_steps=6",
@@ -130,6 +130,11 @@ def test_a_train_run_exposes_no_port_and_writes_no_credential(digits16, mlflow_s
             proc.wait(timeout=60)
     console = log.read_text(errors="replace")
     assert proc.returncode == 0, console[-4000:]
+    # A console a person can read: vaepipe's own lines, and few of Ray's and MLflow's.
+    lines = console.splitlines()
+    foreign = [line for line in lines if "[train]" not in line]
+    print(f"\n[figure] console of `vaepipe train`: {len(lines)} lines, {len(foreign)} of them not vaepipe's")
+    assert "Traceback" not in console and len(lines) <= 30 and len(foreign) <= 18, console  # seen: 21 and 15
     sockets = sorted(seen)
     print("\n[figure] listening sockets of `vaepipe train` and its Ray:")
     for addr, port, name in sockets:
@@ -168,7 +173,7 @@ def test_params_tags_and_config_yaml_never_hold_a_credential(mlflow_store, tmp_p
     from pipelines.config import load_config
     from pipelines.tracking import Tracker, pipeline_run, stage_run
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
+    cfg = load_config(REPO / "tests" / "base.yaml", [
         f"tracking.workdir={mlflow_store.workdir}", f"tracking.tracking_uri={mlflow_store.tracking_uri}",
         f"tracking.artifact_location={mlflow_store.artifact_location}",
         "tracking.registry_uri=postgresql://bob:PLANT-reg-1@db/mlflow", "data.cache_dir=s3://AK:PLANT-cache-2@b/c"])
@@ -196,7 +201,7 @@ def test_params_tags_and_config_yaml_never_hold_a_credential(mlflow_store, tmp_p
 
 
 def test_console_and_errors_mask_uri_credentials(tmp_path):
-    shown = _cli(["config", "show", str(REPO / "configs" / "demo.yaml"),
+    shown = _cli(["config", "show", str(REPO / "tests" / "base.yaml"),
                   "--set", "tracking.tracking_uri=postgresql://bob:PLANT-show-1@db/mlflow"])
     assert shown.returncode == 0 and "postgresql://****@db/mlflow" in shown.stdout
     assert "PLANT" not in shown.stdout + shown.stderr
@@ -245,7 +250,7 @@ def test_a_swapped_model_file_is_refused_before_unpickling(mlflow_store, tmp_pat
     from vae import NVAE, NVAEConfig
 
     torch.set_num_threads(1)
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"tracking.workdir={mlflow_store.workdir}",
+    cfg = load_config(REPO / "tests" / "base.yaml", [f"tracking.workdir={mlflow_store.workdir}",
                                                       f"tracking.tracking_uri={mlflow_store.tracking_uri}",
                                                       f"tracking.artifact_location={mlflow_store.artifact_location}"])
     tracker = Tracker.connect(cfg.tracking)

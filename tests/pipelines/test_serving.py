@@ -290,7 +290,7 @@ def test_model_card_and_promotion_reason(registry, digits16):
     from pipelines.registry import promote
 
     tracker = registry["tracker"]
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.path={digits16}", f"tune.data.path={digits16}"])
+    cfg = load_config(REPO / "tests" / "base.yaml", [f"data.path={digits16}", f"tune.data.path={digits16}"])
     name = "serving-nvae"
     v1 = registry["uris"]["nvae"].rsplit("/", 1)[1]
     run1 = registry["run_ids"]["nvae"]

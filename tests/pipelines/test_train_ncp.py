@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_cfg(digits16: str, store, tmp_path: Path, *extra: str):
-    return load_config(REPO / "configs" / "demo.yaml", [
+    return load_config(REPO / "tests" / "base.yaml", [
         f"data.path={digits16}", f"tracking.workdir={store.workdir}", f"tracking.tracking_uri={store.tracking_uri}",
         f"tracking.artifact_location={store.artifact_location}", f"train.storage_path={tmp_path / 'ray'}",
         "train.epochs=2", "train.num_workers=1", "train.batch_size=64", "train.val_iw_examples=0",

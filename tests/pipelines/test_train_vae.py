@@ -28,7 +28,7 @@ def make_cfg(digits16: str, store, tmp_path: Path, **train):
                  f"train.storage_path={tmp_path / 'ray'}", "train.log_every_steps=10", "train.val_iw_examples=32",
                  "train.judge_samples=0"]  # the judge of samples is trained and checked in one test only
     overrides += [f"train.{k}={v}" for k, v in train.items()]
-    return load_config(REPO / "configs" / "demo.yaml", overrides)
+    return load_config(REPO / "tests" / "base.yaml", overrides)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -129,7 +129,7 @@ def test_two_workers_train_through_a_killed_worker_register_and_the_model_loads_
     The run ends FINISHED with every step logged once, validation improving, pictures, the final checkpoint, and a
     registered model that a fresh process loads and samples from."""
     cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=3, batch_size=64, num_workers=2,
-                   checkpoint_every_steps=10, max_failures=1, judge_samples=200)
+                   checkpoint_every_steps=10, max_failures=1)
     cfg = cfg.replace(train=cfg.train.replace(log_every_steps=5))
     killed: dict = {}
 
@@ -178,13 +178,6 @@ def test_two_workers_train_through_a_killed_worker_register_and_the_model_loads_
     arts = {a.path for a in client.list_artifacts(result.run_id, "pictures")}
     assert any("samples_t0.7" in a for a in arts) and any("reconstructions" in a for a in arts)
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {"checkpoint/state.pt"}
-    # The judge of samples (its own MLflow run) saw the final model's samples and real validation digits; the real
-    # digits are its ceiling, and this short training stays far below it.
-    m = run.data.metrics
-    assert m["eval/judge_recognised_real"] > 0.6, m
-    for t in ("0.7", "1.0"):
-        assert 0.0 <= m[f"eval/judge_recognised_t{t}"] < m["eval/judge_recognised_real"], m
-    assert client.get_run(run.data.tags["vaepipe.judge_run"]).data.tags["vaepipe.stage"] == "feature_extractor"
     mv = client.get_model_version_by_alias("demo-nvae", "candidate")
     assert str(mv.version) == result.registered_version
 
@@ -212,11 +205,11 @@ def test_bad_inputs_fail_before_any_worker_starts(digits16, mlflow_store, tmp_pa
 
     monkeypatch.setattr(tv, "init_ray", no_ray)
     good = make_cfg(digits16, mlflow_store, tmp_path)
-    missing = load_config(REPO / "configs" / "demo.yaml", [f"data.path={tmp_path / 'nothing'}",
+    missing = load_config(REPO / "tests" / "base.yaml", [f"data.path={tmp_path / 'nothing'}",
                                                           f"tracking.tracking_uri={mlflow_store.tracking_uri}"])
     with pytest.raises(Exception, match="vaepipe data prepare"):
         run_train(missing)
-    unreachable = load_config(REPO / "configs" / "demo.yaml", [f"data.path={digits16}",
+    unreachable = load_config(REPO / "tests" / "base.yaml", [f"data.path={digits16}",
                                                               "tracking.tracking_uri=http://127.0.0.1:9",
                                                               "tracking.connect_timeout_s=3"])
     t0 = time.time()
@@ -224,8 +217,8 @@ def test_bad_inputs_fail_before_any_worker_starts(digits16, mlflow_store, tmp_pa
         run_train(unreachable)
     assert time.time() - t0 < 20
     with pytest.raises(ConfigError, match="nvae.preset"):
-        load_config(REPO / "configs" / "demo.yaml", ["nvae.preset=gigantic"])
-    wrong_shape = load_config(REPO / "configs" / "demo.yaml", [f"data.path={digits16}",
+        load_config(REPO / "tests" / "base.yaml", ["nvae.preset=gigantic"])
+    wrong_shape = load_config(REPO / "tests" / "base.yaml", [f"data.path={digits16}",
                                                               "nvae.image_shape=[1,32,32]"])
     with pytest.raises(ConfigError, match=r"does not match the dataset"):
         run_train(wrong_shape)
@@ -244,7 +237,7 @@ def test_accumulated_micro_batches_update_with_the_mean_of_their_gradients():
 
     from pipelines.train_vae import TrainPlan, seed_everything, setup, training_step
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["nvae.lambda_sr=0", "train.grad_clip=0", "train.use_ema=false",
+    cfg = load_config(REPO / "tests" / "base.yaml", ["nvae.lambda_sr=0", "train.grad_clip=0", "train.use_ema=false",
                                                         "train.num_workers=[1,2]", "train.batch_size=32"])
     assert cfg.train.accumulation(1) == 2 and cfg.train.worker_batch_size == 16
     x = torch.tensor(load_digits().images[:32] / 16.0, dtype=torch.float32)[:, None]
