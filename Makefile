@@ -46,7 +46,9 @@ test: $(VENV)/.installed
 test-cluster: $(VENV)/.installed
 	$(PYTEST) -m cluster $(PYTEST_ARGS)
 
-# The demo as a newcomer runs it (tests/test_demo.py): its figures, its console's length, the README's snippets.
+# Whole-pipeline runs (marker `demo`): the demo as a newcomer runs it (tests/test_demo.py: its figures, its console's
+# length, the README's snippets) and the pipeline over an HTTP tracking server with resume, promote, sample and
+# evaluate (tests/pipelines/test_run.py).
 test-demo: $(VENV)/.installed
 	$(PYTEST) -m demo $(PYTEST_ARGS)
 

@@ -29,7 +29,7 @@ def small_pipeline(digits16: str, shapes: str, tracking_uri: str, tmp_path: Path
     ])
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # a whole-pipeline run, like tests/test_demo.py: `make test-demo` (make test stays within 20 min)
 def test_pipeline_over_http_then_resume_promote_sample_evaluate(ray_local, digits16, mlflow_server, tmp_path):
     uri = mlflow_server.uri
     cfg = small_pipeline(digits16, str(tmp_path / "shapes16"), uri, tmp_path)

@@ -129,7 +129,7 @@ def test_two_workers_train_through_a_killed_worker_register_and_the_model_loads_
     The run ends FINISHED with every step logged once, validation improving, pictures, the final checkpoint, and a
     registered model that a fresh process loads and samples from."""
     cfg = make_cfg(digits16, mlflow_store, tmp_path, epochs=3, batch_size=64, num_workers=2,
-                   checkpoint_every_steps=10, max_failures=1)
+                   checkpoint_every_steps=10, max_failures=1, judge_samples=200)
     cfg = cfg.replace(train=cfg.train.replace(log_every_steps=5))
     killed: dict = {}
 
@@ -178,6 +178,14 @@ def test_two_workers_train_through_a_killed_worker_register_and_the_model_loads_
     arts = {a.path for a in client.list_artifacts(result.run_id, "pictures")}
     assert any("samples_t0.7" in a for a in arts) and any("reconstructions" in a for a in arts)
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {"checkpoint/state.pt"}
+    # The judge of samples (its own MLflow run) saw the final model's samples and real validation digits; the real
+    # digits are its ceiling, and this short training stays below it.
+    m = run.data.metrics
+    assert m["eval/judge_recognised_real"] > 0.6, m
+    for t in ("0.7", "1.0"):
+        assert 0.0 <= m[f"eval/judge_recognised_t{t}"] < m["eval/judge_recognised_real"], m
+    assert client.get_run(run.data.tags["vaepipe.judge_run"]).data.tags["vaepipe.stage"] == "feature_extractor"
+    assert result.metrics["eval/judge_recognised_t0.7"] == m["eval/judge_recognised_t0.7"]  # the summary's figure
     mv = client.get_model_version_by_alias("demo-nvae", "candidate")
     assert str(mv.version) == result.registered_version
 
