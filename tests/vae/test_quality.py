@@ -124,9 +124,6 @@ def test_the_judge_recognises_digits_and_refuses_blobs_noise_and_one_class(digit
     # A blurred digit is still that digit: averages of three 0s, dimmed to half their brightness, are recognised.
     dim_zeros = 0.5 * sets["zeros"][torch.randint(0, len(sets["zeros"]), (100, 3), generator=g)].mean(dim=1)
     assert judge.judge(dim_zeros)["judge_recognised"] > 0.6
-    # The feature extractor (pixel-shuffled negatives only) is fooled by the blobs; the judge is not.
-    fooled = SampleQuality.fit(x, y, **{**JUDGE_RECIPE, "negatives": "shuffle", "epochs": 10}).judge(blobs)
-    assert fooled["judge_recognised"] > blob["judge_recognised"] + 0.2, (fooled, blob)
     rotations = SampleQuality.fit(x[:200], None, width=8, epochs=1, seed=3)
     with pytest.raises(ValueError, match="rotations"):
         rotations.judge(sets["other"])
