@@ -126,6 +126,10 @@ class TrainConfig(Config):
     # At the end, this many samples at temperatures 0.7 and 1.0 are shown to the judge of samples (labelled data
     # only: a second classifier trained on the labels) for eval/judge_* figures; 0 turns it off.
     judge_samples: int = dataclasses.field(default=500, metadata=non_negative())
+    # NVAE's sampling protocol: before the sample pictures and the judge's samples at each temperature, the decoder's
+    # BN statistics are re-estimated from this many batches of 100 prior samples at that temperature (the trained
+    # statistics are kept in the model); 0 draws with the training statistics.
+    sample_bn_batches: int = dataclasses.field(default=20, metadata=non_negative())
     # Stop after this many steps (smoke runs); the LR and KL schedules still span all epochs.
     max_steps: Optional[int] = dataclasses.field(default=None, metadata=positive())
     seed: int = 0

@@ -18,7 +18,7 @@ import torch
 from pipelines.data import load_split, read_manifest
 from pipelines.errors import ConfigError, ModelIntegrityError
 from pipelines.reporting import Ticker
-from pipelines.sample_quality import sample_quality_metrics
+from pipelines.sample_quality import reference_binarize, sample_quality_metrics
 from pipelines.tracking import MetricSink, Tracker, verified_model_dir
 from pipelines.tracking.cards import note_promotion
 from vae.factor_metrics import dci, discrete_factors, psnr
@@ -184,7 +184,8 @@ def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1
     model.eval()
     manifest = read_manifest(data)
     params = run_params(tracker, model_uri) if params is None else params
-    arrays = load_split(data, split, binarize=binarize_mode(params, model), seed=EVAL_SEED)
+    binarize = binarize_mode(params, model)
+    arrays = load_split(data, split, binarize=binarize, seed=EVAL_SEED)
     x = arrays["image"][:max_examples]
     kind = type(model).__name__
     metrics: dict[str, float] = {}
@@ -213,8 +214,10 @@ def evaluate(tracker, model_uri: str, data: str, split: str = "test", k: int = 1
     tags: dict[str, str] = {}
     if samples > 0 and len(x) > 3:
         methods = ["sir", "langevin", "base"] if kind == "NCPVAE" else [None]
+        reference = reference_binarize(model, binarize)
+        real = x if reference == binarize else load_split(data, split, binarize=reference)["image"][:max_examples]
         quality, tags = sample_quality_metrics(
-            tracker, data, x[:samples], lambda n, method: sample_images(model, n, method, 1.0), methods,
+            tracker, data, real[:samples], lambda n, method: sample_images(model, n, method, 1.0), methods,
             inception_weights, "--inception-weights", "evaluate")
         metrics.update({f"eval/{key}": v for key, v in quality.items()})
     # Every figure says which split it comes from: eval/x → <split>/x (the timing stays eval/seconds).

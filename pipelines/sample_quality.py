@@ -164,6 +164,14 @@ def inception_features(scorer, images: torch.Tensor, label: str) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------- scoring samples
 
 
+def reference_binarize(model, binarize: str) -> str:
+    """How to draw the real images that a model's samples are scored against, given the data protocol `binarize` it
+    was trained under: as grey levels when its pictures are pixel probabilities (the mean of a Bernoulli decoder
+    estimates the expectation of the binarised data, which is the grey level), as the model's own data otherwise."""
+    vae = getattr(model, "vae", model)
+    return "none" if getattr(vae, "picture_mode", "sample") == "mean" else binarize
+
+
 def sample_quality_metrics(tracker, data_path: str, real: torch.Tensor, sample_fn, methods, inception_weights,
                            where: str, label: str) -> tuple[dict[str, float], dict[str, str]]:
     """Scores of `sample_fn(n, method)` (n = len(real) images in [0, 1]) for each method (None: the model's only
@@ -200,9 +208,10 @@ def sample_quality_metrics(tracker, data_path: str, real: torch.Tensor, sample_f
 
 
 def judge_temperatures(tracker, data_path: str, model, n: int, temperatures=(0.7, 1.0), seed: int = 0,
-                       split: str = "val") -> tuple[dict[str, float], dict[str, str]]:
-    """The judge of samples on n samples of `model` at each temperature (`judge_<figure>_t<T>`) and on n real images
-    of `split` (`judge_<figure>_real`), seeded; ({}, {}) on unlabelled data. Prints one line."""
+                       split: str = "val", bn_batches: int = 0) -> tuple[dict[str, float], dict[str, str]]:
+    """The judge of samples on n samples of `model` at each temperature (`judge_<figure>_t<T>`; the decoder's BN
+    statistics re-estimated at that temperature from `bn_batches` batches, NVAE's sampling protocol) and on n real
+    images of `split` (`judge_<figure>_real`), seeded; ({}, {}) on unlabelled data. Prints one line."""
     if n <= 0:
         return {}, {}
     judge, run_id = sample_judge(tracker, data_path)
@@ -210,7 +219,7 @@ def judge_temperatures(tracker, data_path: str, model, n: int, temperatures=(0.7
         return {}, {}
     out: dict[str, float] = {}
     for t in temperatures:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), model.bn_readjusted(t, bn_batches):
             torch.manual_seed(seed)
             fake = model.sample(n, temperature=t)
         out.update({f"{key}_t{t:.1f}": value for key, value in judge.judge(fake.float().cpu()).items()})

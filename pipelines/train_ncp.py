@@ -29,7 +29,7 @@ from pipelines.errors import ConfigError
 from pipelines.ray_env import init_ray, use_assigned_cpus
 from pipelines.registry import load_registered
 from pipelines.reporting import StageResult, png_bytes
-from pipelines.sample_quality import sample_quality_metrics
+from pipelines.sample_quality import reference_binarize, sample_quality_metrics
 from pipelines.tracking import OpenRun, Tracker, stage_run
 from pipelines.tracking.cards import describe_version
 from vae.metrics import sample_grid
@@ -246,7 +246,8 @@ def evaluate_ncp(cfg: PipelineConfig, run: OpenRun, model) -> dict[str, float]:
     metrics[f"{split}/kl_reduction_total"] = gain["total"]
     metrics["ncp/log_z/group_00"] = model.log_z_estimate(0)
 
-    real = load_split(cfg.data.path, split, binarize=cfg.data.binarize, seed=n.seed)["image"]
+    reference = reference_binarize(model, cfg.data.binarize)  # grey levels for a Bernoulli decoder's pictures
+    real = load_split(cfg.data.path, split, binarize=reference, seed=n.seed)["image"]
     real = real[:min(n.eval_samples, len(real))]
     grids: dict[str, torch.Tensor] = {}
 

@@ -352,16 +352,20 @@ def evaluate(state: TrainState, batches, cfg: PipelineConfig, device: torch.devi
 
 
 @torch.no_grad()
-def picture_pngs(state: TrainState, x: torch.Tensor, device: torch.device) -> dict[str, bytes]:
-    """Samples at temperatures 1.0 and 0.7 and reconstructions beside their inputs, as PNG bytes."""
+def picture_pngs(state: TrainState, x: torch.Tensor, device: torch.device, bn_batches: int) -> dict[str, bytes]:
+    """Samples at temperatures 1.0 and 0.7 (BN statistics re-estimated at each from `bn_batches` batches) and
+    reconstructions beside their inputs, as PNG bytes."""
     from vae.metrics import reconstruction_grid, sample_grid
 
     model = state.eval_model()
-    model.eval()
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        bn_batches = 0  # rank 0 draws alone: a training-mode SyncBatchNorm would wait for the other ranks
     pics = {}
     for temp in (1.0, 0.7):
-        samples = model.sample(36, temperature=temp)
+        with model.bn_readjusted(temp, bn_batches):
+            samples = model.sample(36, temperature=temp)
         pics[f"samples_t{temp:.1f}"] = png_bytes(sample_grid(samples, nrow=6), f"samples, temperature {temp:.1f}")
+    model.eval()
     x = x[:16].to(device)
     pics["reconstructions"] = png_bytes(reconstruction_grid(x, model.reconstruct(x)),
                                         "pairs: validation input | its reconstruction")
@@ -503,7 +507,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         metrics.update(evaluate(state, _batches(val_shard, cfg, seed=0, train=False), cfg, device,
                                                 world))
                         if rank == 0 and math.isfinite(metrics["val/nelbo"]):
-                            pictures = picture_pngs(state, x, device)
+                            pictures = picture_pngs(state, x, device, cfg.train.sample_bn_batches)
                     t_last = time.perf_counter()
                     if not math.isfinite(metrics["val/nelbo"]):
                         ray.train.report(metrics)  # the non-finite figures reach MLflow; no broken checkpoint
@@ -794,7 +798,8 @@ def finish(cfg: PipelineConfig, tracker, run_id: str, result) -> StageResult:
     final = {k: float(v) for k, v in (result.metrics or {}).items()
              if isinstance(v, (int, float)) and k.startswith("val/")}
     judged, tags = judge_temperatures(tracker, cfg.data.path, model, cfg.train.judge_samples, seed=cfg.train.seed,
-                                      split="val" if read_manifest(cfg.data.path).splits.get("val") else "test")
+                                      split="val" if read_manifest(cfg.data.path).splits.get("val") else "test",
+                                      bn_batches=cfg.train.sample_bn_batches)
     if judged:
         judged = {f"eval/{k}": v for k, v in judged.items()}
         tracker.log_metrics(run_id, judged, step=int((result.metrics or {}).get("step", 0)))

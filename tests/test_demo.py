@@ -52,10 +52,11 @@ def test_the_demo_proves_its_methods_in_figures(demo):
     home, console = demo
     m = _stage_metrics(home)
     train, ncp, tune = m["train"], m["ncp"], m["tune"]
-    # NVAE: samples at temperature 0.7 recognised as digits (12% seen, 17% at 1.0), of many digits; real digits are
-    # the judge's ceiling (89% seen). Before this demo config: 0% (the plain tiny preset, no shifts, 132 steps).
+    # NVAE: samples at temperature 0.7 recognised as digits (31% seen, 28% at 1.0; 12% with the logistic-mixture
+    # decoder on grey levels), of many digits; real digits are the judge's ceiling (89% seen). The plain tiny preset
+    # without shifts: 0%.
     assert train["eval/judge_recognised_real"] > 0.7, train
-    assert train["eval/judge_recognised_t0.7"] > 0.06, train
+    assert train["eval/judge_recognised_t0.7"] > 0.2, train
     assert train["eval/judge_class_entropy_t0.7"] > 0.7, train  # not all one digit
     # NCP: samples closer to the data than the base prior's (26.5 -> 19.8 seen), and recognised at least as often
     # by one of its samplers (17% -> SIR 19%, Langevin 23% seen).

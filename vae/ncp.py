@@ -353,10 +353,12 @@ class NCPVAE(nn.Module):
         n: int,
         method: Literal["sir", "langevin", "base"] = "sir",
         temperature: float | None = None,
-        mode: Literal["sample", "mean"] = "sample",
+        mode: Literal["sample", "mean"] | None = None,
     ) -> Tensor:
         """(n, C, H, W) in [0, 1] from the NCP prior by `method` at `temperature` (None: cfg.temperature), then a
-        sample of p(x | z) or its mean. Diagnostics of the draw land in `self.last_stats`."""
+        sample of p(x | z) or its mean (None: the VAE's `picture_mode`). Diagnostics of the draw land in
+        `self.last_stats`."""
+        mode = mode or self.vae.picture_mode
         if mode not in ("sample", "mean"):
             raise ValueError(f"sample: mode {mode!r} is not 'sample' or 'mean'")
         _, state = self._sample_path(n, method, temperature)

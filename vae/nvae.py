@@ -33,6 +33,8 @@ Departures, each for a stated reason:
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 from typing import Literal
@@ -452,14 +454,22 @@ class NVAE(nn.Module):
         e = self._elbo(x)
         return e.log_px + e.log_p.sum(1) - torch.stack([s.log_q for s in e.steps], dim=1).sum(1)
 
+    @property
+    def picture_mode(self) -> Literal["sample", "mean"]:
+        """What `sample` draws unless told: the mean of p(x|z) for the Bernoulli decoder (pixel probabilities, which
+        is how NVAE shows its binarised-MNIST samples: independent binary draws read as noise, to eyes and to feature
+        extractors alike), a sample of p(x|z) for every other decoder."""
+        return "mean" if self.cfg.decoder == "bernoulli" else "sample"
+
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, mode: Literal["sample", "mean"] = "sample") -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0, mode: Literal["sample", "mean"] | None = None) -> Tensor:
         """(n, C, H, W) in [0, 1]: z from the prior with every σ multiplied by `temperature`, then a sample of
-        p(x|z) or its mean. Uses the current mode: call eval() (and readjust_bn for low temperatures) first."""
+        p(x|z) or its mean (None: `picture_mode`). Uses the current mode: call eval() first, and for NVAE's sampling
+        protocol draw inside `bn_readjusted(temperature)`."""
         if temperature < 0:
             raise ValueError(f"sample: temperature {temperature} must be >= 0 (1 is the model; 0.6-0.9 are typical)")
         dist, _ = self.decode_from_eps(self.standard_eps(n), temperature)
-        return self._draw(dist, mode)
+        return self._draw(dist, mode or self.picture_mode)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, mode: Literal["sample", "mean"] = "mean") -> Tensor:
@@ -483,9 +493,8 @@ class NVAE(nn.Module):
             raise ValueError(
                 f"readjust_bn: need num_batches >= 1 and batch_size >= 2 (batch norm), got {num_batches}, {batch_size}"
             )
-        bns = [m for part in (self.dec_groups, self.dec_up, self.postprocess) for m in part.modules()
-               if isinstance(m, nn.BatchNorm2d)]
-        buffers = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+        bns = self._decoder_norms()
+        buffers = _norm_buffers(bns)
         original = [t.clone() for t in buffers]
         momenta = [bn.momentum for bn in bns]
         skipped = 0
@@ -515,6 +524,29 @@ class NVAE(nn.Module):
                 bn.momentum = momentum
             self.eval()
         return skipped
+
+    @contextlib.contextmanager
+    def bn_readjusted(self, temperature: float, num_batches: int = 20, batch_size: int = 100):
+        """A block in which the decoder's BN statistics are re-estimated at `temperature` (`readjust_bn`: NVAE's
+        sampling protocol, which matters most below temperature 1) and the model is in eval mode; on leaving it the
+        trained statistics and the previous train/eval mode come back. num_batches=0 leaves the statistics as they
+        are (the block only switches to eval mode)."""
+        buffers = _norm_buffers(self._decoder_norms())
+        saved = [t.clone() for t in buffers]
+        was_training = self.training
+        try:
+            if num_batches > 0:
+                self.readjust_bn(num_batches, batch_size, temperature)
+            self.eval()
+            yield self
+        finally:
+            with torch.no_grad():
+                _copy_into(buffers, saved)
+            self.train(was_training)
+
+    def _decoder_norms(self) -> list[nn.BatchNorm2d]:
+        return [m for part in (self.dec_groups, self.dec_up, self.postprocess) for m in part.modules()
+                if isinstance(m, nn.BatchNorm2d)]
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -549,6 +581,10 @@ class NVAE(nn.Module):
         if mode == "sample":
             return dist.sample()
         raise ValueError(f"mode {mode!r} is not 'sample' or 'mean'")
+
+
+def _norm_buffers(bns: list[nn.BatchNorm2d]) -> list[Tensor]:
+    return [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
 
 
 def _copy_into(tensors: list[Tensor], values: list[Tensor]) -> None:

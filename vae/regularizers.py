@@ -98,19 +98,20 @@ def sr_coefficient(
     return math.exp(beta * math.log(lam) + (1.0 - beta) * math.log(lam_init))
 
 
-class _BilinearForm(torch.autograd.Function):
-    """σ_g = u_gᵀ W_g v_g for fixed vectors u, v; the gradient in W is the rank-one u vᵀ, formed by broadcasting (a
-    batched outer product through bmm, autograd's route, is ~3× slower on a CPU)."""
+class _RankOneGrad(torch.autograd.Function):
+    """σ_g = u_gᵀ W_g v_g, passed in as already computed by the power iteration's last product (so the forward reads
+    no weight again), differentiable in W with the spectral-norm gradient u vᵀ (u, v held fixed), formed by
+    broadcasting (a batched outer product through bmm, autograd's route, is ~3× slower on a CPU)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, u: Tensor, v: Tensor) -> Tensor:  # (G, r, c), (G, r), (G, c) -> (G,)
+    def forward(ctx, w: Tensor, u: Tensor, v: Tensor, sigma: Tensor) -> Tensor:  # (G, r, c), (G, r), (G, c), (G,)
         ctx.save_for_backward(u, v)
-        return (torch.bmm(u.unsqueeze(1), w).squeeze(1) * v).sum(1)
+        return sigma.clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         u, v = ctx.saved_tensors
-        return (grad[:, None] * u)[:, :, None] * v[:, None, :], None, None
+        return (grad[:, None] * u)[:, :, None] * v[:, None, :], None, None, None
 
 
 # On a CPU, weights are stacked a few MiB at a time, so that a chunk is still in cache for the next power iteration
@@ -193,9 +194,9 @@ class SpectralRegularizer(nn.Module):
             for g, (rows, cols) in enumerate(self.matrix_shapes):
                 members = self.members[g]
                 step = max(1, _CPU_STACK_BYTES // (4 * rows * cols)) if on_cpu else len(members)
+                u_buf, v_buf = getattr(self, f"u{g}"), getattr(self, f"v{g}")
                 for start in range(0, len(members), step):
                     chunk = slice(start, start + step)
-                    u_buf, v_buf = getattr(self, f"u{g}"), getattr(self, f"v{g}")
                     u, v = u_buf[chunk], v_buf[chunk]
                     mats = [weights[i].reshape(rows, cols) for i in members[chunk]]
                     w = (torch.stack(mats) if len(mats) > 1 else mats[0].unsqueeze(0)).to(u.dtype)  # (G, r, c)
@@ -203,10 +204,12 @@ class SpectralRegularizer(nn.Module):
                         wd = w.detach()
                         for _ in range(n_iter):
                             v = F.normalize(torch.bmm(u.unsqueeze(1), wd).squeeze(1), dim=1, eps=1e-12)  # Wᵀu
-                            u = F.normalize(torch.bmm(v.unsqueeze(1), wd.transpose(1, 2)).squeeze(1), dim=1, eps=1e-12)
+                            wv = torch.bmm(v.unsqueeze(1), wd.transpose(1, 2)).squeeze(1)  # Wv
+                            u = wv / wv.norm(dim=1, keepdim=True).clamp_min(1e-12)
                         u_buf[chunk] = u
                         v_buf[chunk] = v
-                    sigmas.append(_BilinearForm.apply(w, u, v))  # (G,) uᵀWv
+                        sigma = (u * wv).sum(1)  # uᵀWv for the final u and v, from the last product
+                    sigmas.append(_RankOneGrad.apply(w, u, v, sigma) if w.requires_grad else sigma)
         self.initialized.fill_(True)
         self._warm = True
         return torch.cat(sigmas).sum()

@@ -202,8 +202,10 @@ def test_ncp_recipes_build_on_their_nvae_recipe(dataset):
 def test_demo_keeps_its_effective_batch():
     cfg = load_config(DEMO)
     assert (cfg.train.batch_size, cfg.train.num_workers, cfg.train.worker_batch_size) == (64, 2, 32)
-    tests = load_config(REPO / "tests" / "base.yaml")  # the tests' base: the demo with short-run train settings
-    assert tests.nvae == cfg.nvae and tests.data == cfg.data and tests.train.batch_size == 128
+    # The tests' base: the demo with short-run train settings, on grey levels with the logistic-mixture decoder.
+    tests = load_config(REPO / "tests" / "base.yaml")
+    assert tests.nvae == cfg.nvae.replace(decoder="dml", num_latent_per_group=4)
+    assert tests.data == dataclasses.replace(cfg.data, binarize="none") and tests.train.batch_size == 128
 
 
 # ------------------------------------------------------------------------------------------- global batch
@@ -243,8 +245,8 @@ def test_bernoulli_decoder_on_grey_levels_is_refused():
                                           r".*set data.binarize=dynamic"):
         load_config(mnist, ["data.binarize=none"])
     with pytest.raises(ConfigError, match="data.binarize=dynamic"):
-        load_config(DEMO, ["nvae.decoder=bernoulli"])
-    assert load_config(DEMO, ["nvae.decoder=bernoulli", "data.binarize=dynamic"]).data.binarize == "dynamic"
+        load_config(DEMO, ["data.binarize=none"])  # the demo's Bernoulli decoder on grey levels
+    assert load_config(DEMO, ["nvae.decoder=dml", "data.binarize=none"]).data.binarize == "none"
     with pytest.raises(ConfigError, match=r"data.binarize: 'static' is not allowed; choose one of 'none', 'dynamic'"):
         load_config(DEMO, ["data.binarize=static"])
 
@@ -315,4 +317,6 @@ def test_evaluate_sets_the_run_figure_beside_the_published_one():
     assert "published: 2.91 bits/dim" in published_comparison(cifar, {"test/bpd_k1000": 3.4}, "test", 1000)
     demo = {k: str(v) for k, v in load_config(DEMO).flat().items()}
     assert published_comparison(demo, {"test/bpd_k1000": 3.4}, "test", 1000) is None
-    assert binarize_mode(params, None) == "dynamic" and binarize_mode(demo, None) == "none"
+    grey = {k: str(v) for k, v in load_config(DEMO, ["nvae.decoder=dml", "data.binarize=none"]).flat().items()}
+    assert binarize_mode(params, None) == "dynamic" and binarize_mode(grey, None) == "none"
+    assert binarize_mode(demo, None) == "dynamic"

@@ -227,3 +227,17 @@ def test_inception_weights_come_from_a_path_or_an_artifact_and_are_never_downloa
     assert Path(local).name == INCEPTION_WEIGHTS_FILE
     with pytest.raises(ConfigError, match="cannot download"):
         inception_weights_path(tracker, f"runs:/{run_id}/nothing/here.pth", "ncp.inception_weights")
+
+
+def test_samples_are_scored_against_what_they_depict():
+    from types import SimpleNamespace
+
+    from pipelines.sample_quality import reference_binarize
+    from vae import NVAE, NVAEConfig
+
+    bern = NVAE(NVAEConfig.preset("tiny", decoder="bernoulli"))
+    dml = NVAE(NVAEConfig.preset("tiny"))
+    # A Bernoulli decoder's pictures are pixel probabilities: the grey levels are what binarised draws average to.
+    assert reference_binarize(bern, "dynamic") == "none"
+    assert reference_binarize(SimpleNamespace(vae=bern), "dynamic") == "none"  # an NCP model's frozen NVAE
+    assert reference_binarize(dml, "dynamic") == "dynamic" and reference_binarize(dml, "none") == "none"

@@ -3,6 +3,7 @@ Carlo definition, the warm-up schedules, sampling, BN re-adjustment with its NaN
 unit Jacobian, and a real short training run on scikit-learn's digits."""
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -478,6 +479,50 @@ def test_readjust_bn_refuses_when_every_batch_is_non_finite():
     with pytest.raises(RuntimeError, match="non-finite"):
         model.readjust_bn(num_batches=2, batch_size=4)
     assert all(torch.equal(bn.running_mean, b) for bn, b in zip(_decoder_bns(model), before))
+
+
+def test_bn_readjusted_draws_with_readjusted_statistics_then_restores_the_trained_ones():
+    model = tiny()
+    model.train()
+    trained = [t.clone() for bn in _decoder_bns(model) for t in (bn.running_mean, bn.running_var)]
+    reference = copy.deepcopy(model)
+    torch.manual_seed(3)
+    reference.readjust_bn(num_batches=3, batch_size=8, temperature=0.7)
+    torch.manual_seed(4)
+    expected = reference.sample(6, temperature=0.7)
+    torch.manual_seed(3)
+    with model.bn_readjusted(0.7, num_batches=3, batch_size=8):
+        assert not model.training
+        inside = [t.clone() for bn in _decoder_bns(model) for t in (bn.running_mean, bn.running_var)]
+        torch.manual_seed(4)
+        drawn = model.sample(6, temperature=0.7)
+    torch.testing.assert_close(drawn, expected)
+    assert any(not torch.equal(a, b) for a, b in zip(inside, trained)), "the statistics were re-estimated inside"
+    after = [t for bn in _decoder_bns(model) for t in (bn.running_mean, bn.running_var)]
+    assert all(torch.equal(a, b) for a, b in zip(after, trained)), "the trained statistics come back"
+    assert model.training, "the previous mode comes back"
+    with model.bn_readjusted(0.7, num_batches=0):
+        assert not model.training
+        assert all(torch.equal(a, b) for a, b in zip(
+            [t for bn in _decoder_bns(model) for t in (bn.running_mean, bn.running_var)], trained))
+
+
+def test_pictures_of_a_bernoulli_model_are_its_pixel_probabilities():
+    bern = tiny(decoder="bernoulli").eval()
+    assert bern.picture_mode == "mean"
+    torch.manual_seed(0)
+    default = bern.sample(8, temperature=0.7)
+    torch.manual_seed(0)
+    torch.testing.assert_close(default, bern.sample(8, temperature=0.7, mode="mean"))
+    assert ((default > 0) & (default < 1)).float().mean() > 0.9, "probabilities, not binary draws"
+    torch.manual_seed(0)
+    assert set(bern.sample(8, temperature=0.7, mode="sample").unique().tolist()) <= {0.0, 1.0}
+    dml = tiny().eval()
+    assert dml.picture_mode == "sample"
+    torch.manual_seed(0)
+    a = dml.sample(4)
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, dml.sample(4, mode="sample"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
