@@ -102,8 +102,9 @@ def load_registered(tracker, model_uri: str):
                           f"{str(e).splitlines()[0][:200]}); registered models: {', '.join(known) or 'none'}") from None
 
 
-def sample_images(model, n: int, method: str | None, temperature: float) -> torch.Tensor:
-    """(n, C, H, W) in [0, 1] from any vaepipe model; `method` only for NCP-VAE models."""
+def sample_images(model, n: int, method: str | None, temperature: float, bn_batches: int = 0) -> torch.Tensor:
+    """(n, C, H, W) in [0, 1] from any vaepipe model; `method` only for NCP-VAE models. An NVAE draws with its BN
+    statistics re-estimated at `temperature` from `bn_batches` batches of prior samples (0: the trained ones)."""
     model.eval()
     with torch.no_grad() if method != "langevin" else torch.enable_grad():
         if type(model).__name__ == "NCPVAE":
@@ -113,7 +114,8 @@ def sample_images(model, n: int, method: str | None, temperature: float) -> torc
                               f"{type(model).__name__} samples from its own prior: drop --method")
         if type(model).__name__ == "GWAE":
             return model.sample(n).detach()
-        return model.sample(n, temperature=temperature).detach()
+        with model.bn_readjusted(temperature, bn_batches):
+            return model.sample(n, temperature=temperature).detach()
 
 
 # `vaepipe evaluate` binarises (data.binarize=dynamic) with this seed: the same model on the same data gives the

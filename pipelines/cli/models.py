@@ -47,7 +47,7 @@ def sample(args: argparse.Namespace) -> int:
     tracker = tracker_of(args)
     model = load_registered(tracker, args.model_uri)
     torch.manual_seed(args.seed)
-    images = sample_images(model, args.n, args.method, args.temperature)
+    images = sample_images(model, args.n, args.method, args.temperature, args.bn_batches)
     try:
         out.write_bytes(png_bytes(sample_grid(images, nrow=max(1, int(math.sqrt(args.n))))))
     except OSError as e:
@@ -113,6 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="samples.png", help="PNG file to write, in an existing directory")
     s.add_argument("--method", choices=("sir", "langevin", "base"), default=None, help="NCP-VAE sampling method")
     s.add_argument("--temperature", type=temperature, default=1.0, help="prior temperature, > 0 (default 1.0)")
+    s.add_argument("--bn-batches", type=non_negative_int, default=20, metavar="N",
+                   help="NVAE: re-estimate BN statistics at the temperature from N batches of 100 prior samples "
+                        "first, as the train stage's pictures are drawn (default 20; 0: the trained statistics)")
     s.add_argument("--seed", type=int, default=0)
     add_tracking_args(s)
     s.set_defaults(func=sample)
