@@ -710,7 +710,7 @@ def test_a_dataset_made_by_an_older_protocol_is_refused(tmp_path):
     assert ensure_dataset(digits, progress=False).name == "digits-8"
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # 60 s, in `make test-demo`: CI's 20 minutes have no room left for it
 def test_binarised_mnist_recipe_trains_and_evaluates_against_its_published_figure(
         mnist_like, ray_local, mlflow_store, tmp_path, capsys):
     """The CR-NVAE MNIST recipe shrunk to the tiny architecture, end to end: dynamic binarisation through the train
