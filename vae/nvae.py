@@ -34,7 +34,6 @@ Departures, each for a stated reason:
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import math
 from typing import Literal
